@@ -1,0 +1,98 @@
+"""`patchnet <command>`: the command-line front door.
+
+Each command lives in its own module with `add_arguments(parser)` and
+`run(args)`; the module is imported only when its command runs, so
+`patchnet --help` is instant and the library never imports the pipelines or
+the serving code otherwise.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+from patchnet_tf.errors import PatchNetError
+
+COMMANDS = {
+    "train": ("pipelines.train", "train a model with keras fit on a folder or ISIC dataset"),
+    "heatmap": ("pipelines.heatmaps", "write heatmap PNGs (grayscale and overlay) for images"),
+    "evaluate": ("pipelines.evaluate", "loss, accuracy, AUROC (and mask metrics) on a dataset"),
+    "export": ("pipelines.export", "export a SavedModel with classify and heatmap signatures"),
+    "push": ("pipelines.push", "evaluate, bless, infra-validate and push a version for serving"),
+    "serve": ("serving.server", "run the local TF-Serving-compatible gRPC server"),
+    "predict": ("serving.client", "query a TF Serving (or local) server over gRPC"),
+    "compare": ("pipelines.compare", "PatchNet vs CAM vs Grad-CAM: the paper's tables and figure"),
+    "sweep": ("pipelines.sweep", "one training run per setting, with a table and HParams logs"),
+    "demo": ("pipelines.demo", "the whole job on the bundled dataset: train, heatmaps, serve"),
+}
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def image_size(text):
+    """'192x256' or '128' -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(part) for part in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 192x256, got {text!r}")
+    return size
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="patchnet",
+        description="PatchNet: interpretable image classification with dense evidence maps.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints usage or the error, then exits
+        return 2
+    name = argv[0]
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"patchnet {name}", description=summary)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except PatchNetError as error:
+        print(f"patchnet {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"patchnet {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Preprocessing as TensorFlow ops, shared by training and the exported graph.
+
+One implementation on purpose: the SavedModel's signatures call exactly these
+functions, so what the server sees is what training saw (no skew).
+Images are float32 in [0, 1] after `decode_image`.
+"""
+
+import dataclasses
+import json
+import os
+
+import tensorflow as tf
+
+from patchnet_tf.errors import PatchNetError
+
+CONFIG_NAME = "preprocessing.json"
+
+
+def decode_image(image_bytes, channels=3):
+    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 (H, W, channels) in [0, 1]."""
+    image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+    return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def resize(images, image_size):
+    """Bilinear resize to (height, width); values stay in [0, 1]."""
+    return tf.clip_by_value(tf.image.resize(images, image_size, antialias=True), 0.0, 1.0)
+
+
+def gamma_correct(images, gamma):
+    """I ** (1 / gamma): gamma 2.2 brightens dark dermoscopy images (paper section 3)."""
+    return tf.pow(tf.maximum(images, 0.0), 1.0 / gamma)
+
+
+def shades_of_gray(images, norm=6.0, epsilon=1e-6):
+    """Shades of Gray colour constancy (Finlayson and Trezzi 2004; Barata et al. 2015).
+
+    The illuminant per channel is the Minkowski p-norm mean of the pixels;
+    each channel is scaled so that the illuminant becomes neutral grey with
+    the same overall brightness, then clipped to [0, 1].
+    """
+    illuminant = tf.pow(
+        tf.reduce_mean(tf.pow(tf.maximum(images, 0.0), norm), axis=[-3, -2], keepdims=True),
+        1.0 / norm,
+    )
+    gain = tf.norm(illuminant, axis=-1, keepdims=True) / (
+        tf.sqrt(tf.cast(tf.shape(images)[-1], images.dtype)) * illuminant + epsilon
+    )
+    return tf.clip_by_value(images * gain, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What turns a decoded image into model input; saved beside every model."""
+
+    image_size: tuple = (128, 128)
+    channels: int = 3
+    gamma: float | None = None
+    shades_of_gray_norm: float | None = None
+    class_names: tuple = ("0", "1")
+
+    def __call__(self, images):
+        """float32 [0, 1] images, (H, W, C) or (B, H, W, C), any size -> model input."""
+        images = resize(images, self.image_size)
+        if self.gamma:
+            images = gamma_correct(images, self.gamma)
+        if self.shades_of_gray_norm:
+            images = shades_of_gray(images, self.shades_of_gray_norm)
+        return images
+
+    def save(self, directory):
+        from patchnet_tf.atomic import atomic_write_text
+
+        atomic_write_text(
+            os.path.join(directory, CONFIG_NAME), json.dumps(dataclasses.asdict(self), indent=2)
+        )
+
+    @classmethod
+    def for_model(cls, model_path):
+        """The preprocessing saved beside a model file (or in a run folder)."""
+        directory = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+        path = os.path.join(directory, CONFIG_NAME)
+        try:
+            with open(path) as file:
+                fields = json.load(file)
+        except FileNotFoundError:
+            raise PatchNetError(
+                f"{path}: missing; a model needs the {CONFIG_NAME} that `patchnet train` writes beside it"
+            ) from None
+        except (json.JSONDecodeError, OSError) as error:
+            raise PatchNetError(f"{path}: unreadable ({error})") from None
+        fields["image_size"] = tuple(fields["image_size"])
+        fields["class_names"] = tuple(fields["class_names"])
+        return cls(**fields)

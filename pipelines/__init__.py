@@ -1,0 +1,1 @@
+"""tf.data input pipelines and the scripts that train, evaluate, export and push."""

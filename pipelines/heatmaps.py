@@ -1,0 +1,97 @@
+"""`patchnet heatmap`: heatmap PNGs for images or a folder of images.
+
+For each image, `<stem>-heatmap.png` (grayscale, white = class 1 evidence)
+and `<stem>-overlay.png` (colour map over the preprocessed image); with
+`--filters`, `<stem>-filters.png`, a grid of the subnet's tanh feature maps.
+"""
+
+import os
+
+import cv2
+import keras
+import numpy as np
+
+from patchnet_tf.cli import positive_int
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.heatmaps import filter_heatmaps, heatmap, heatmap_overlay, heatmap_to_gray
+from patchnet_tf.model import PatchNet
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.data import IMAGE_EXTENSIONS, read_image
+
+
+def add_arguments(parser):
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--model", required=True, help="a model.keras written by `patchnet train`")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    parser.add_argument("--stride", type=positive_int, default=1,
+                        help="evaluate every s-th pixel and fill s x s blocks (cost ~1/s^2)")
+    parser.add_argument("--filters", action="store_true", help="also write the filter heatmaps")
+
+
+def list_images(inputs):
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(directory, name)
+                for directory, _, names in os.walk(item)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise PatchNetError(f"{item}: no images in this folder")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise PatchNetError(f"{item}: no such file or folder")
+    return paths
+
+
+def load_model(path):
+    if not os.path.isfile(path):
+        raise PatchNetError(f"{path}: no such model file")
+    try:
+        return keras.models.load_model(path)
+    except (ValueError, OSError) as error:
+        raise PatchNetError(f"{path}: not a loadable Keras model ({error})") from None
+
+
+def explain(model, images, stride=1):
+    """(B, H, W) evidence maps in [0, 1] for any model `patchnet train` makes."""
+    if isinstance(model, PatchNet):
+        return heatmap(model, images, stride=stride)
+    from patchnet_tf import baselines
+
+    return baselines.heatmap(model, images)
+
+
+def filter_grid(maps):
+    """(H, W, F) tanh maps in [-1, 1] -> one uint8 mosaic, 8 maps a row."""
+    height, width, count = maps.shape
+    columns = min(8, count)
+    rows = -(-count // columns)
+    grid = np.zeros((rows * (height + 1), columns * (width + 1)), np.uint8)
+    for index in range(count):
+        top, left = (index // columns) * (height + 1), (index % columns) * (width + 1)
+        grid[top : top + height, left : left + width] = heatmap_to_gray((maps[..., index] + 1) / 2)
+    return grid
+
+
+def run(args):
+    model = load_model(args.model)
+    preprocessing = Preprocessing.for_model(args.model)
+    paths = list_images(args.images)
+    os.makedirs(args.out, exist_ok=True)
+    progress = keras.utils.Progbar(len(paths), unit_name="image")
+    for path in paths:
+        image = preprocessing(read_image(path, preprocessing.channels)).numpy()
+        heat = explain(model, image[None], args.stride)[0]
+        stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
+        cv2.imwrite(f"{stem}-heatmap.png", heatmap_to_gray(heat))
+        cv2.imwrite(f"{stem}-overlay.png", heatmap_overlay(image, heat))
+        if args.filters:
+            maps = filter_heatmaps(model, image[None], stride=args.stride)[0]
+            cv2.imwrite(f"{stem}-filters.png", filter_grid(maps))
+        progress.add(1)
+    print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

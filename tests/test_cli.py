@@ -1,0 +1,149 @@
+"""The command line: help everywhere, one clear line for bad input, resume after kill -9."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+from patchnet_tf import build_patchnet, cli
+from patchnet_tf.preprocessing import Preprocessing
+from patchnet_tf.synthetic import write_appendix_a_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--patch-size", "9", "--filters", "4", "--conv-layers", "2", "--image-size", "32", "--batch-size", "4"]
+
+
+def patchnet(capsys, *argv):
+    """Runs `patchnet ARGV` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_appendix_a_dataset(str(tmp_path_factory.mktemp("data")), copies=4, image_size=32, square_size=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    build_patchnet(9, filters=4, conv_layers=2).save(str(folder / "model.keras"))
+    Preprocessing(image_size=(32, 32)).save(str(folder))
+    return str(folder / "model.keras")
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_has_help(capsys, command):
+    code, out, _ = patchnet(capsys, command, "--help")
+    assert code == 0
+    assert f"usage: patchnet {command}" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = patchnet(capsys, "--help")
+    assert code == 0
+    for command in cli.COMMANDS:
+        assert command in out
+
+
+def test_unknown_command_and_bad_flag_values(capsys, dataset, tmp_path):
+    code, _, err = patchnet(capsys, "fly")
+    assert code == 2 and "invalid choice: 'fly'" in err
+    code, _, err = patchnet(capsys, "train", dataset, "--out", str(tmp_path), "--padding", "reflect")
+    assert code == 2 and "--padding" in err and "reflect" in err
+    code, _, err = patchnet(capsys, "train", dataset, "--out", str(tmp_path), "--image-size", "big")
+    assert code == 2 and "HEIGHTxWIDTH" in err
+    code, _, err = patchnet(capsys, "train", dataset, "--out", str(tmp_path), "--batch-size", "0")
+    assert code == 2 and "positive integer" in err
+
+
+def test_missing_data_folder_is_named(capsys, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    code, _, err = patchnet(capsys, "train", missing, "--out", str(tmp_path / "run"), *TINY)
+    assert code == 2
+    assert err.strip() == f"patchnet train: error: {missing}: no such data folder"
+
+
+def test_patch_larger_than_image_is_refused(capsys, dataset, tmp_path):
+    code, _, err = patchnet(
+        capsys, "train", dataset, "--out", str(tmp_path), "--patch-size", "33", "--image-size", "32"
+    )
+    assert code == 2 and "--patch-size 33 is larger than the image (32 px" in err
+    assert not os.path.exists(tmp_path / "model.keras")
+
+
+def test_heatmap_names_an_undecodable_image(capsys, tiny_model_path, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a PNG")
+    code, _, err = patchnet(capsys, "heatmap", str(bad), "--model", tiny_model_path, "--out", str(tmp_path))
+    assert code == 2 and f"{bad}: not a decodable image" in err
+    code, _, err = patchnet(capsys, "heatmap", str(tmp_path / "gone.png"), "--model", tiny_model_path,
+                            "--out", str(tmp_path))
+    assert code == 2 and "gone.png: no such file" in err
+    code, _, err = patchnet(capsys, "heatmap", str(bad), "--model", str(tmp_path / "m.keras"),
+                            "--out", str(tmp_path))
+    assert code == 2 and "m.keras: no such model file" in err
+
+
+def test_heatmap_refuses_even_patch_size(capsys, dataset, tmp_path):
+    build_patchnet(8, filters=2, conv_layers=1).save(str(tmp_path / "model.keras"))
+    Preprocessing(image_size=(32, 32)).save(str(tmp_path))
+    code, _, err = patchnet(capsys, "heatmap", dataset, "--model", str(tmp_path / "model.keras"),
+                            "--out", str(tmp_path / "maps"))
+    assert code == 2 and "odd patch size" in err and "got 8" in err
+
+
+def test_heatmap_writes_pngs_for_a_folder(capsys, dataset, tiny_model_path, tmp_path):
+    code, out, _ = patchnet(capsys, "heatmap", dataset, "--model", tiny_model_path,
+                            "--out", str(tmp_path), "--stride", "2", "--filters")
+    assert code == 0 and "wrote heatmaps of 8 image(s)" in out
+    written = sorted(os.listdir(tmp_path))
+    assert "000-heatmap.png" in written and "000-overlay.png" in written and "000-filters.png" in written
+    import cv2
+
+    assert cv2.imread(str(tmp_path / "000-heatmap.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
+
+
+def _backup_epoch(run):
+    path = os.path.join(run, "backup", "training_metadata.json")
+    try:
+        with open(path) as file:
+            return json.load(file)["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_training_resumes_after_kill_9(dataset, tmp_path):
+    """A run killed mid-training continues from its last finished epoch."""
+    run = str(tmp_path / "run")
+    command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "8",
+               "--patience", "100", *TINY]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while _backup_epoch(run) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = _backup_epoch(run)
+    assert 2 <= done < 8, f"the first run should be killed mid-training, it had finished {done} epochs"
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    started = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
+    assert started[0] == f"Epoch {done + 1}/8", started  # finished epochs are not repeated
+    assert started[-1] == "Epoch 8/8"
+    with open(os.path.join(run, "history.csv")) as file:
+        epochs = sorted({int(row["epoch"]) for row in csv.DictReader(file)})
+    assert epochs == list(range(8))
+    assert keras.models.load_model(os.path.join(run, "model.keras")).get_layer("subnet")

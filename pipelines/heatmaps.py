@@ -13,8 +13,8 @@ import numpy as np
 
 from patchnet_tf.cli import positive_int
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import filter_heatmaps, heatmap, heatmap_overlay, heatmap_to_gray
-from patchnet_tf.model import PatchNet
+from patchnet_tf.explain import explain
+from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray
 from patchnet_tf.preprocessing import Preprocessing
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 
@@ -57,15 +57,6 @@ def load_model(path):
         raise PatchNetError(f"{path}: not a loadable Keras model ({error})") from None
 
 
-def explain(model, images, stride=1):
-    """(B, H, W) evidence maps in [0, 1] for any model `patchnet train` makes."""
-    if isinstance(model, PatchNet):
-        return heatmap(model, images, stride=stride)
-    from patchnet_tf import baselines
-
-    return baselines.heatmap(model, images)
-
-
 def filter_grid(maps):
     """(H, W, F) tanh maps in [-1, 1] -> one uint8 mosaic, 8 maps a row."""
     height, width, count = maps.shape
@@ -86,7 +77,7 @@ def run(args):
     progress = keras.utils.Progbar(len(paths), unit_name="image")
     for path in paths:
         image = preprocessing(read_image(path, preprocessing.channels)).numpy()
-        heat = explain(model, image[None], args.stride)[0]
+        heat = explain(model, image[None], stride=args.stride)[0]
         stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
         cv2.imwrite(f"{stem}-heatmap.png", heatmap_to_gray(heat))
         cv2.imwrite(f"{stem}-overlay.png", heatmap_overlay(image, heat))

@@ -1,0 +1,220 @@
+"""The paper's baselines: CAM and Grad-CAM (paper section 3, Appendix C).
+
+Both are plain Keras functional models trained from scratch with the same
+loss, optimizer and pipelines as PatchNet; both output (B, 1) P(class 1 | image).
+
+- CAM (Zhou et al. 2016): a VGG-19-style conv stack (2, 2, 4, 4, 4 convs per
+  block) with only 3 pooling layers, global average pooling and one linear
+  head. The class-1 map is the head-weighted sum of the last conv maps.
+- Grad-CAM (Selvaraju et al. 2017) on VGG-11 (1, 1, 2, 2, 2 convs per block,
+  5 poolings) with its dense head (two hidden dense layers, dropout). The map
+  is ReLU(sum_k alpha_k A_k), alpha_k the spatial mean of the gradient of the
+  class-1 logit with respect to the last conv map A_k.
+
+Maps are upsampled bilinearly to the input size and put in [0, 1] with
+white (1) = class 1, like PatchNet's heatmaps. Normalisation:
+
+- CAM: sigmoid(head bias + sum_k w_k A_k(x, y)), computed on the upsampled
+  logit map. Because the head sits after global average pooling, the image's
+  logit is the spatial mean of this logit map, so 0.5 means "as much class-1
+  as class-0 evidence here", the same meaning as PatchNet's Q = 0.5, and no
+  per-image rescaling is needed (a plain image can stay black).
+- Grad-CAM: the ReLU map divided by its maximum over the image (the usual
+  Grad-CAM convention; the map's scale, a product of gradients and
+  activations, has no absolute meaning). An all-zero map stays all zero. So
+  every image with any positive evidence has a pixel at 1.
+
+Widths: `build_cam` / `build_vgg11` default to the paper's sizes (64 filters
+in the first block, 4096-unit dense layers); `build(arch, input_shape)`, what
+`patchnet train --arch cam|vgg11` calls, defaults to a demo size (width 16)
+that trains on 2 CPU cores in a minute or two on 64 x 64 images.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from patchnet_tf.errors import PatchNetError
+
+ARCHS = ("cam", "vgg11")
+# Width of the first conv block when `build` is not told otherwise.
+DEMO_WIDTH = 16
+# Layer names the heatmap code relies on.
+CAM_FEATURES = "cam_features"
+CAM_HEAD = "cam_head"
+GRADCAM_FEATURES = "gradcam_features"
+LOGIT = "logit"
+PROBABILITY = "probability"
+
+# Convs per block; "M" marks a 2 x 2 max pooling.
+_VGG19_THREE_POOLS = ((2, 1), "M", (2, 2), "M", (4, 4), "M", (4, 8), (4, 8))
+_VGG11 = ((1, 1), "M", (1, 2), "M", (2, 4), "M", (2, 8), "M", (2, 8), "M")
+
+
+def _conv_stack(x, layout, width, last_name):
+    """VGG blocks: (convs, width multiplier) tuples and "M" poolings."""
+    blocks = [item for item in layout if item != "M"]
+    block = 0
+    for item in layout:
+        if item == "M":
+            x = keras.layers.MaxPooling2D(2, name=f"pool{block}")(x)
+            continue
+        block += 1
+        convs, multiplier = item
+        for index in range(convs):
+            last = block == len(blocks) and index == convs - 1
+            x = keras.layers.Conv2D(
+                width * multiplier,
+                3,
+                padding="same",
+                activation="relu",
+                kernel_initializer="he_normal",  # paper Appendix C, all conv layers
+                name=last_name if last else f"block{block}_conv{index + 1}",
+            )(x)
+    return x
+
+
+def _probability(logit):
+    # float32 even under mixed precision: probabilities near 0 and 1 matter.
+    return keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITY)(logit)
+
+
+def build_cam(input_shape, *, width=64):
+    """CAM: VGG-19 conv layout with 3 poolings, global average pooling, linear head.
+
+    (B, H, W, C) images in [0, 1] -> (B, 1) probability of class 1. The class-1
+    map lives at 1/8 of the input resolution.
+    """
+    _check_input_shape(input_shape, 8, "cam")
+    images = keras.Input(tuple(input_shape), name="image")
+    features = _conv_stack(images, _VGG19_THREE_POOLS, width, CAM_FEATURES)
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+    logit = keras.layers.Dense(1, name=CAM_HEAD)(pooled)
+    return keras.Model(images, _probability(logit), name="cam")
+
+
+def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropout=0.5):
+    """VGG-11 (configuration A) for Grad-CAM: 8 convs, 5 poolings, dense head.
+
+    `dense_units` defaults to 64 * width (the paper's 4096 at width 64). The
+    paper runs it at 224 x 224; any size divisible by 32 works.
+    """
+    _check_input_shape(input_shape, 32, "vgg11")
+    dense_units = dense_units or 64 * width
+    images = keras.Input(tuple(input_shape), name="image")
+    features = _conv_stack(images, _VGG11[:-1], width, GRADCAM_FEATURES)
+    x = keras.layers.MaxPooling2D(2, name="pool5")(features)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for index in (1, 2):
+        x = keras.layers.Dense(dense_units, activation="relu", name=f"fc{index}")(x)
+        x = keras.layers.Dropout(dropout, name=f"dropout{index}")(x)
+    logit = keras.layers.Dense(1, name=LOGIT)(x)
+    return keras.Model(images, _probability(logit), name="vgg11")
+
+
+def build(arch, input_shape, *, width=None, **kwargs):
+    """`patchnet train --arch cam|vgg11`: the baseline model, uncompiled.
+
+    `width` is the first block's filter count (the paper: 64); None means
+    DEMO_WIDTH.
+    """
+    width = DEMO_WIDTH if width is None else int(width)
+    if arch == "cam":
+        return build_cam(input_shape, width=width, **kwargs)
+    if arch == "vgg11":
+        return build_vgg11(input_shape, width=width, **kwargs)
+    raise PatchNetError(f"unknown baseline architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+def _check_input_shape(input_shape, multiple, arch):
+    if len(input_shape) != 3 or any(size is None for size in input_shape[:2]):
+        raise PatchNetError(f"{arch}: input_shape must be (height, width, channels), got {input_shape}")
+    height, width_ = input_shape[:2]
+    if height % multiple or width_ % multiple:
+        raise PatchNetError(
+            f"{arch}: image size {height}x{width_} must be divisible by {multiple} "
+            f"(its poolings halve it {multiple.bit_length() - 1} times)"
+        )
+
+
+def _layer_names(model):
+    return {layer.name for layer in model.layers}
+
+
+def arch_of(model):
+    """'patchnet', 'cam' or 'vgg11', from the model's layer names."""
+    names = _layer_names(model)
+    if CAM_FEATURES in names and CAM_HEAD in names:
+        return "cam"
+    if GRADCAM_FEATURES in names and LOGIT in names:
+        return "vgg11"
+    if "patchwise" in names or "subnet" in names:
+        return "patchnet"
+    raise PatchNetError(
+        f"model {model.name!r} is neither a PatchNet nor a baseline built by patchnet_tf.baselines"
+    )
+
+
+def _as_batch(model, images):
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[None]
+    expected = tuple(model.input_shape[1:])
+    if images.ndim != 4 or any(e is not None and e != got for e, got in zip(expected, images.shape[1:])):
+        raise PatchNetError(
+            f"{model.name}: images must be (B, {', '.join(str(e) for e in expected)}), got shape {images.shape}"
+        )
+    return images
+
+
+def _upsample(maps, size):
+    """(B, h, w) -> (B, H, W), bilinear (half-pixel centres)."""
+    return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
+
+
+def cam_logit_map(model, images):
+    """(B, H, W) float32: head bias + head-weighted sum of the last conv maps, upsampled."""
+    images = _as_batch(model, images)
+    features_model = keras.Model(model.input, model.get_layer(CAM_FEATURES).output)
+    kernel, bias = model.get_layer(CAM_HEAD).get_weights()
+    features = tf.cast(features_model(images, training=False), tf.float32)
+    logits = tf.tensordot(features, tf.constant(kernel[:, 0], tf.float32), axes=1) + float(bias[0])
+    return _upsample(logits, images.shape[1:3]).numpy()
+
+
+def cam_heatmap(model, images):
+    """(B, H, W) in [0, 1]: sigmoid of `cam_logit_map` (see the module docstring)."""
+    return tf.sigmoid(cam_logit_map(model, images)).numpy()
+
+
+def gradcam_heatmap(model, images):
+    """(B, H, W) in [0, 1]: Grad-CAM of the class-1 logit at the last conv layer."""
+    images = _as_batch(model, images)
+    gradient_model = keras.Model(
+        model.input, [model.get_layer(GRADCAM_FEATURES).output, model.get_layer(LOGIT).output]
+    )
+    images = tf.constant(images)
+    with tf.GradientTape() as tape:
+        features, logit = gradient_model(images, training=False)
+    # Each image's logit depends only on its own features, so the gradient of
+    # the batch sum is the per-image gradient.
+    gradients = tf.cast(tape.gradient(logit, features), tf.float32)
+    features = tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # alpha_k
+    maps = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+    maps = _upsample(maps, images.shape[1:3])
+    peak = tf.reduce_max(maps, axis=(1, 2), keepdims=True)
+    return tf.math.divide_no_nan(maps, peak).numpy()
+
+
+def heatmap(model, images, *, batch_size=32):
+    """(B, H, W) float32 in [0, 1], white = class 1, for a CAM or VGG-11 model."""
+    arch = arch_of(model)
+    if arch == "patchnet":
+        raise PatchNetError("a PatchNet model: use patchnet_tf.heatmap (or patchnet_tf.explain.explain)")
+    images = _as_batch(model, images)
+    function = cam_heatmap if arch == "cam" else gradcam_heatmap
+    maps = [function(model, images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    if not maps:
+        return np.zeros((0, *images.shape[1:3]), np.float32)
+    return np.clip(np.concatenate(maps), 0.0, 1.0).astype(np.float32)

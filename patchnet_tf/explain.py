@@ -1,0 +1,17 @@
+"""One call for a class-1 evidence map, whatever the model: PatchNet, CAM or VGG-11."""
+
+from patchnet_tf.baselines import arch_of
+from patchnet_tf.baselines import heatmap as baseline_heatmap
+from patchnet_tf.heatmaps import heatmap as patchnet_heatmap
+
+
+def explain(model, images, *, stride=1):
+    """(B, H, W) float32 in [0, 1], white = class 1.
+
+    PatchNet models: `patchnet_tf.heatmap` (the subnet on the patch centred
+    at every `stride`-th pixel). CAM and VGG-11 models: their CAM / Grad-CAM
+    map (`patchnet_tf.baselines.heatmap`); `stride` does not apply to them.
+    """
+    if arch_of(model) == "patchnet":
+        return patchnet_heatmap(model, images, stride=stride)
+    return baseline_heatmap(model, images)

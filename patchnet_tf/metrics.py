@@ -1,0 +1,81 @@
+"""Heatmap-against-mask metrics (paper Table 2 and 7; SPEC section 2).
+
+Per image, the heatmap is thresholded (pixel marked 1 where heat > threshold,
+0.5 by default) and compared with the binary expert mask (nonzero = class-1
+feature); then each metric is averaged over the images it is defined for:
+
+- exact match: fraction of pixels where the thresholded map and the mask
+  agree; every image.
+- recall: masked pixels marked 1 / masked pixels; only images whose mask is
+  not empty.
+- AUROC: area under the ROC curve of the raw heatmap scores against the
+  mask's pixels; only images whose mask has both values.
+
+An average over no images is NaN (reported as "n/a"), never a made-up 0.
+"""
+
+import cv2
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from patchnet_tf.errors import PatchNetError
+
+def image_mask_metrics(heat, mask, *, threshold=0.5):
+    """(exact match, recall or NaN, AUROC or NaN) of one (H, W) heatmap against its mask."""
+    heat = np.asarray(heat, np.float64)
+    mask = np.asarray(mask) > 0
+    if heat.shape != mask.shape or heat.ndim != 2:
+        raise PatchNetError(f"heatmap {heat.shape} and mask {mask.shape} must be the same (H, W)")
+    marked = heat > threshold
+    exact_match = float(np.mean(marked == mask))
+    masked = int(mask.sum())
+    recall = float(np.sum(marked & mask) / masked) if masked else float("nan")
+    auroc = float(roc_auc_score(mask.ravel(), heat.ravel())) if 0 < masked < mask.size else float("nan")
+    return exact_match, recall, auroc
+
+
+def mask_metrics(heatmaps, masks, *, threshold=0.5):
+    """Averages over images: a dict with exact_match, recall, auroc (NaN when undefined)
+    and the number of images each was averaged over (images, recall_images, auroc_images)."""
+    if len(heatmaps) != len(masks):
+        raise PatchNetError(f"{len(heatmaps)} heatmaps but {len(masks)} masks")
+    rows = np.array(
+        [image_mask_metrics(heat, mask, threshold=threshold) for heat, mask in zip(heatmaps, masks)],
+        np.float64,
+    ).reshape(-1, 3)
+    result = {"threshold": float(threshold), "images": len(rows)}
+    for column, name in enumerate(("exact_match", "recall", "auroc")):
+        values = rows[:, column]
+        defined = values[~np.isnan(values)]
+        result[name] = float(defined.mean()) if len(defined) else float("nan")
+        if name != "exact_match":
+            result[f"{name}_images"] = int(len(defined))
+    return result
+
+
+def read_mask(path, size=None, *, image_shape=None):
+    """A binary mask PNG -> bool (H, W), white (>= 128) = class-1 feature.
+
+    `image_shape` (H, W) of the image it belongs to is checked (SPEC: same
+    size as the image); `size` (H, W) resizes with nearest neighbour, as the
+    image is resized to the model input.
+    """
+    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise PatchNetError(f"{path}: not a readable mask image (expected a binary PNG)")
+    if image_shape is not None and tuple(mask.shape) != tuple(image_shape[:2]):
+        raise PatchNetError(
+            f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+            f"{image_shape[0]}x{image_shape[1]}; masks must have the image's size"
+        )
+    if size is not None and tuple(mask.shape) != tuple(size):
+        mask = cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+    return mask >= 128
+
+
+def format_percent(value):
+    return "n/a" if np.isnan(value) else f"{100 * value:.1f}%"
+
+
+def format_number(value, digits=3):
+    return "n/a" if np.isnan(value) else f"{value:.{digits}f}"

@@ -1,0 +1,327 @@
+"""`patchnet compare`: PatchNet vs CAM vs Grad-CAM on one dataset with masks,
+the paper's Table 1 (loss, accuracy) and Table 2 (mask overlap) and its figure.
+
+Stages, each announced as it starts:
+  1-3. train (or resume) OUT/patchnet, OUT/cam, OUT/vgg11 with `patchnet train`'s
+       code and defaults (a finished run is only loaded; --no-train requires it)
+  4.   Table 1: loss and accuracy of each model on the val (and test) split
+  5.   Table 2: class-1 maps of every masked image of --mask-split against its mask
+  6.   write OUT/table1.{md,csv}, OUT/table2.{md,csv}, OUT/comparison.png,
+       OUT/results.json, and the figure to TensorBoard (OUT/logs)
+
+The figure has one row per sampled image (class 1 first, then class 0, like
+the paper's): original | mask | PatchNet-p | CAM | Grad-CAM, white = class 1.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from patchnet_tf.atomic import atomic_path, atomic_write_text
+from patchnet_tf.cli import image_size, positive_float, positive_int
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.heatmaps import heatmap_to_gray
+from patchnet_tf.metrics import format_number, format_percent, mask_metrics
+from pipelines import evaluate as evaluation
+
+ARCHS = ("patchnet", "cam", "vgg11")
+SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
+
+
+def add_arguments(parser):
+    parser.add_argument("data", help="folder dataset with DATA/train, DATA/val (DATA/test) and masks")
+    parser.add_argument("--out", required=True, help="folder for the three runs, the tables and the figure")
+    parser.add_argument("--masks", default=None, metavar="DIR", help="mask folder (default: DATA/masks)")
+    parser.add_argument("--mask-split", choices=("val", "test"), default="val",
+                        help="split whose masks Table 2 and the figure use (paper: validation)")
+    parser.add_argument("--no-train", action="store_true", help="only load the three runs in --out")
+    group = parser.add_argument_group("training (the `patchnet train` flags of all three runs)")
+    group.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
+    group.add_argument("--epochs", type=positive_int, default=30)
+    group.add_argument("--patience", type=positive_int, default=10)
+    group.add_argument("--learning-rate", type=positive_float, default=1e-3,
+                       help="Adam learning rate (paper: 1e-4 over hundreds of epochs)")
+    group.add_argument("--batch-size", type=positive_int, default=8, help="PatchNet's batch (paper: 4)")
+    group.add_argument("--baseline-batch-size", type=positive_int, default=16,
+                       help="CAM and VGG-11 batch (paper: 64)")
+    group.add_argument("--horizontal-flip", action="store_true")
+    group.add_argument("--vertical-flip", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("PatchNet")
+    group.add_argument("--patch-size", type=positive_int, default=15)
+    group.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
+    group.add_argument("--padding", choices=("same", "valid"), default="valid",
+                       help="valid: exact one-pass heatmaps (SPEC section 8); same: the paper's subnet")
+    group.add_argument("--filters", type=positive_int, default=16)
+    group.add_argument("--conv-layers", type=positive_int, default=3)
+    group = parser.add_argument_group("maps and figure")
+    group.add_argument("--threshold", type=float, default=0.5, help="heatmap threshold for Table 2")
+    group.add_argument("--heatmap-stride", type=positive_int, default=1,
+                       help="PatchNet heatmap stride (costly for padding='same' models)")
+    group.add_argument("--samples", type=positive_int, default=6, help="images in the figure")
+    group.add_argument("--cell", type=positive_int, default=128, help="figure cell size in pixels")
+    group.add_argument("--batch-size-eval", type=positive_int, default=16, dest="eval_batch_size")
+
+
+def run_configs(args):
+    """The `patchnet train` config of each of the three runs."""
+    common = {
+        "data": args.data,
+        "image_size": tuple(args.image_size),
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "learning_rate": args.learning_rate,
+        "horizontal_flip": args.horizontal_flip,
+        "vertical_flip": args.vertical_flip,
+        "seed": args.seed,
+        "heatmap_every": 0,  # compare draws its own figure
+    }
+    configs = {}
+    for arch in ARCHS:
+        config = dict(common, arch=arch, out=os.path.join(args.out, arch))
+        if arch == "patchnet":
+            config.update(
+                batch_size=args.batch_size,
+                patch_size=args.patch_size,
+                stride=args.stride,
+                padding=args.padding,
+                filters=args.filters,
+                conv_layers=args.conv_layers,
+            )
+        else:
+            config.update(batch_size=args.baseline_batch_size)
+        configs[arch] = config
+    return configs
+
+
+def model_names(patch_size):
+    """Row names as in the paper: Table 1 names the network, Table 2 the map."""
+    return {
+        "patchnet": (f"PatchNet-{patch_size}", f"PatchNet-{patch_size}"),
+        "cam": ("CAM", "CAM"),
+        "vgg11": ("VGG-11", "Grad-CAM"),
+    }
+
+
+def _stage(number, total, text):
+    print(f"[{number}/{total}] {text}", flush=True)
+
+
+def train_or_load(configs, *, train=True, stage=None):
+    """arch -> (model, preprocessing, train config); trains or resumes unless `train` is False."""
+    from pipelines import train as training
+
+    runs = {}
+    for index, (arch, config) in enumerate(configs.items(), start=1):
+        if train:
+            if stage:
+                stage(index, f"training {arch} -> {config['out']}")
+            training.train(config)
+        elif stage:
+            stage(index, f"loading {arch} from {config['out']}")
+        runs[arch] = evaluation.load_run(config["out"])
+    return runs
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(header, rows):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def table1(results, names, splits):
+    """(markdown, csv) of loss and accuracy per model and split (paper Table 1)."""
+    header = ["Model"]
+    csv_header = ["model"]
+    for split in splits:
+        header += [f"{SPLIT_TITLES[split]} Loss", f"{SPLIT_TITLES[split]} Accuracy"]
+        csv_header += [f"{split}_loss", f"{split}_accuracy"]
+    rows, csv_rows = [], []
+    for arch, by_split in results.items():
+        row, csv_row = [names[arch][0]], [names[arch][0]]
+        for split in splits:
+            row += [f"{by_split[split]['loss']:.3f}", format_percent(by_split[split]["accuracy"])]
+            csv_row += [f"{by_split[split]['loss']:.6f}", f"{by_split[split]['accuracy']:.6f}"]
+        rows.append(row)
+        csv_rows.append(csv_row)
+    return markdown_table(header, rows), _csv_text(csv_header, csv_rows)
+
+
+def table2(mask_results, names):
+    """(markdown, csv) of the mask metrics per map (paper Table 2)."""
+    header = ["Model", "Average Exact Match", "Average Recall", "Average AUROC"]
+    rows, csv_rows = [], []
+    for arch, metrics in mask_results.items():
+        rows.append([
+            names[arch][1],
+            format_percent(metrics["exact_match"]),
+            format_percent(metrics["recall"]),
+            format_number(metrics["auroc"]),
+        ])
+        csv_rows.append([names[arch][1]] + [
+            "" if math.isnan(metrics[key]) else f"{metrics[key]:.6f}" for key in ("exact_match", "recall", "auroc")
+        ] + [metrics["images"], metrics["recall_images"], metrics["auroc_images"], metrics["threshold"]])
+    any_metrics = next(iter(mask_results.values()))
+    note = (
+        f"\n{any_metrics['images']} images, heatmaps thresholded at {any_metrics['threshold']:g}; "
+        f"recall over the {any_metrics['recall_images']} with a non-empty mask, "
+        f"AUROC over the {any_metrics['auroc_images']} whose mask has both values.\n"
+    )
+    csv_header = ["model", "exact_match", "recall", "auroc", "images", "recall_images", "auroc_images", "threshold"]
+    return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
+
+
+def sample_indices(labels, count, seed=0):
+    """Up to `count` indices, class 1 first then class 0, as evenly split as the data allows."""
+    rng = np.random.default_rng(seed)
+    by_class = {label: list(rng.permutation(np.flatnonzero(labels == label))) for label in (1, 0)}
+    wanted = {1: (count + 1) // 2, 0: count // 2}
+    for label, other in ((1, 0), (0, 1)):  # give a short class's places to the other
+        spare = wanted[label] - len(by_class[label])
+        if spare > 0:
+            wanted[label] -= spare
+            wanted[other] += spare
+    return [int(index) for label in (1, 0) for index in sorted(by_class[label][: wanted[label]])]
+
+
+def _cell(array, cell):
+    """(H, W) in [0, 1] or (H, W, 3) RGB in [0, 1] -> (cell, cell, 3) uint8 RGB, nearest neighbour."""
+    array = np.clip(np.asarray(array, np.float32), 0.0, 1.0)
+    if array.ndim == 2:
+        array = np.repeat(heatmap_to_gray(array)[..., None], 3, axis=-1)
+    else:
+        if array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        array = np.round(array * 255).astype(np.uint8)
+    return cv2.resize(array, (cell, cell), interpolation=cv2.INTER_NEAREST)
+
+
+def figure_grid(images, masks, maps, titles, *, cell=128, gap=4):
+    """RGB uint8 grid: one row per image, columns original | mask | each map, titles on top."""
+    columns = len(maps) + 2
+    header = 24
+    height = header + len(images) * (cell + gap)
+    width = columns * (cell + gap) - gap
+    grid = np.full((height, width, 3), 255, np.uint8)
+    for column, title in enumerate(["Original", "Mask"] + list(titles)):
+        left = column * (cell + gap)
+        scale = 0.45
+        (text_width, _), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        origin = (left + max(0, (cell - text_width) // 2), 16)
+        cv2.putText(grid, title, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    for row, index in enumerate(range(len(images))):
+        top = header + row * (cell + gap)
+        cells = [images[index], masks[index].astype(np.float32)] + [heat[index] for heat in maps]
+        for column, content in enumerate(cells):
+            left = column * (cell + gap)
+            grid[top : top + cell, left : left + cell] = _cell(content, cell)
+    return grid
+
+
+def write_png(path, rgb):
+    with atomic_path(path) as temporary:
+        if not cv2.imwrite(temporary, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+            raise PatchNetError(f"{path}: could not write the figure")
+
+
+def log_figure(log_dir, rgb, step=0):
+    with tf.summary.create_file_writer(log_dir).as_default():
+        tf.summary.image("comparison", rgb[None], step=step,
+                         description="original | mask | PatchNet | CAM | Grad-CAM; white = class 1")
+
+
+def compare(args):
+    """Runs every stage; returns the results dict written to OUT/results.json."""
+    masks_dir = args.masks or os.path.join(args.data, "masks")
+    if not os.path.isdir(masks_dir):
+        raise PatchNetError(f"{masks_dir}: no mask folder (compare needs masks; pass --masks DIR)")
+    total = len(ARCHS) + 3
+    stage = lambda number, text: _stage(number, total, text)  # noqa: E731
+    configs = run_configs(args)
+    runs = train_or_load(configs, train=not args.no_train, stage=stage)
+    names = model_names(args.patch_size)
+
+    stage(len(ARCHS) + 1, "Table 1: loss and accuracy")
+    results, splits = {}, None
+    for arch, (model, preprocessing, train_config) in runs.items():
+        results[arch] = {}
+        available = [split for split in ("val", "test") if _has_split(args.data, preprocessing, split, train_config)]
+        splits = available if splits is None else [split for split in splits if split in available]
+        for split in available:
+            images = evaluation.load_split(args.data, preprocessing, split, train_config)
+            results[arch][split] = evaluation.evaluate_model(
+                model, preprocessing, images, batch_size=args.eval_batch_size
+            )
+            print(f"  {names[arch][0]:12s} {split}: loss {results[arch][split]['loss']:.3f}  "
+                  f"accuracy {format_percent(results[arch][split]['accuracy'])}", flush=True)
+
+    stage(len(ARCHS) + 2, f"Table 2: maps against the {args.mask_split} masks")
+    mask_results, maps, inputs, masks, labels = {}, [], None, None, None
+    for arch, (model, preprocessing, train_config) in runs.items():
+        split = evaluation.load_split(args.data, preprocessing, args.mask_split, train_config)
+        pairs = evaluation.mask_pairs(split.paths, masks_dir)
+        model_inputs, heatmaps, model_masks = evaluation.masked_heatmaps(
+            model, preprocessing, pairs, heatmap_stride=args.heatmap_stride,
+            batch_size=args.eval_batch_size, progress=f"  {names[arch][1]} maps",
+        )
+        mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold)
+        maps.append(heatmaps)
+        if inputs is None:
+            inputs, masks, labels = model_inputs, model_masks, split.labels
+        elif heatmaps.shape[1:] != maps[0].shape[1:]:
+            raise PatchNetError("compare needs the three models at the same image size")
+
+    stage(len(ARCHS) + 3, f"writing tables and figure to {args.out}")
+    table1_md, table1_csv = table1(results, names, splits)
+    table2_md, table2_csv = table2(mask_results, names)
+    picks = sample_indices(np.asarray(labels), args.samples, args.seed)
+    grid = figure_grid(inputs[picks], masks[picks], [heat[picks] for heat in maps],
+                       [names[arch][1] for arch in runs], cell=args.cell)
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "table1.md"), table1_md)
+    atomic_write_text(os.path.join(args.out, "table1.csv"), table1_csv)
+    atomic_write_text(os.path.join(args.out, "table2.md"), table2_md)
+    atomic_write_text(os.path.join(args.out, "table2.csv"), table2_csv)
+    write_png(os.path.join(args.out, "comparison.png"), grid)
+    log_figure(os.path.join(args.out, "logs"), grid)
+    summary = {
+        "data": args.data,
+        "masks": masks_dir,
+        "mask_split": args.mask_split,
+        "table1": results,
+        "table2": mask_results,
+        "figure_images": [int(index) for index in picks],
+    }
+    atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(summary, indent=2, default=float))
+    print("\nTable 1\n\n" + table1_md + "\nTable 2\n\n" + table2_md)
+    print(f"figure: {os.path.join(args.out, 'comparison.png')}; "
+          f"TensorBoard: tensorboard --logdir {os.path.join(args.out, 'logs')}")
+    return summary
+
+
+def _has_split(data, preprocessing, split, train_config):
+    try:
+        evaluation.load_split(data, preprocessing, split, train_config)
+    except PatchNetError as error:
+        if f"no {split!r} split" in str(error):
+            return False
+        raise
+    return True
+
+
+def run(args):
+    compare(args)

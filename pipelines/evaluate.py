@@ -1,0 +1,228 @@
+"""`patchnet evaluate`: loss, accuracy and AUROC of a trained model on a folder
+dataset's val (or test) split, plus the paper's mask metrics with --masks DIR.
+
+Works for every model `patchnet train` writes (PatchNet, CAM, VGG-11): the
+class-1 map comes from `patchnet_tf.explain.explain`. Classification metrics
+are computed from the predicted probabilities: loss is Keras's binary
+cross-entropy, accuracy thresholds at 0.5, AUROC is exact (scikit-learn),
+not the 200-bucket approximation `keras.metrics.AUC` logs during training.
+"""
+
+import json
+import os
+
+import keras
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.cli import positive_int
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.explain import explain
+from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
+
+MODEL_NAME = "model.keras"
+CONFIG_NAME = "train_config.json"
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="run folder of `patchnet train` (or its model.keras)")
+    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val, DATA/test)")
+    parser.add_argument("--split", choices=("val", "test", "train"), default="val")
+    parser.add_argument("--masks", default=None, metavar="DIR",
+                        help="folder of binary mask PNGs named like the images: adds exact match, recall, AUROC")
+    parser.add_argument("--threshold", type=float, default=0.5, help="heatmap threshold for the mask metrics")
+    parser.add_argument("--heatmap-stride", type=positive_int, default=1,
+                        help="PatchNet heatmap stride; s costs about 1/s^2 of stride 1 for padding='same' models")
+    parser.add_argument("--skip-unmasked", action="store_true",
+                        help="leave images without a mask file out of the mask metrics instead of failing")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def load_run(model_path):
+    """(model, preprocessing, train config or {}) from a run folder or a model file."""
+    path = os.path.join(model_path, MODEL_NAME) if os.path.isdir(model_path) else model_path
+    if not os.path.isfile(path):
+        raise PatchNetError(f"{path}: no such model file (train one with `patchnet train`)")
+    preprocessing = Preprocessing.for_model(path)
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file
+        raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
+    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path) as file:
+            config = json.load(file)
+    return model, preprocessing, config
+
+
+def load_split(data, preprocessing, split, train_config=None):
+    """The split of a folder dataset, classes ordered as the model was trained."""
+    train_config = train_config or {}
+    is_csv = data.lower().endswith(".csv")
+    try:
+        dataset = load_dataset(
+            data,
+            positive_class=None if is_csv else preprocessing.class_names[-1],
+            image_dir=train_config.get("images"),
+            val_fraction=train_config.get("val_fraction", 0.2),
+            seed=train_config.get("seed", 0),
+        )
+    except PatchNetError as error:
+        if "--positive-class" not in str(error):
+            raise
+        raise PatchNetError(
+            f"{data}: its classes differ from the model's {', '.join(preprocessing.class_names)} ({error})"
+        ) from None
+    if tuple(dataset.class_names) != tuple(preprocessing.class_names):
+        raise PatchNetError(
+            f"{data}: classes {', '.join(dataset.class_names)} differ from the model's "
+            f"{', '.join(preprocessing.class_names)}"
+        )
+    if split not in dataset.splits:
+        raise PatchNetError(f"{data}: no {split!r} split (expected a {os.path.join(data, split)} folder)")
+    return dataset.splits[split]
+
+
+def classification_metrics(labels, probabilities):
+    """loss (binary cross-entropy), accuracy (at 0.5), AUROC (NaN with one class)."""
+    labels = np.asarray(labels, np.float32).reshape(-1)
+    probabilities = np.asarray(probabilities, np.float32).reshape(-1)
+    loss = float(np.mean(keras.ops.convert_to_numpy(
+        keras.losses.binary_crossentropy(labels[:, None], probabilities[:, None])
+    )))
+    accuracy = float(np.mean((probabilities > 0.5) == (labels > 0.5)))
+    auroc = float(roc_auc_score(labels, probabilities)) if len(np.unique(labels)) == 2 else float("nan")
+    return {"loss": loss, "accuracy": accuracy, "auroc": auroc, "count": int(len(labels))}
+
+
+def predict(model, split, preprocessing, batch_size=16):
+    """P(class 1) for every image of the split, in order."""
+    dataset = image_dataset(split, preprocessing, batch_size).map(lambda images, labels: images)
+    return np.asarray(model.predict(dataset, verbose=0), np.float32).reshape(-1)
+
+
+def mask_pairs(image_paths, mask_dir, *, skip_missing=False):
+    """[(image path, mask path)] matched by file stem in a flat folder; an image without
+    a mask is an error naming it, or with `skip_missing` is left out."""
+    if not os.path.isdir(mask_dir):
+        raise PatchNetError(f"{mask_dir}: no such mask folder")
+    pairs = []
+    for image_path in image_paths:
+        mask_path = mask_path_for(image_path, mask_dir)
+        if mask_path is None:
+            if skip_missing:
+                continue
+            stem = os.path.splitext(os.path.basename(image_path))[0]
+            raise PatchNetError(
+                f"{image_path}: no mask {os.path.join(mask_dir, stem + '.png')} "
+                "(--skip-unmasked leaves such images out of the mask metrics)"
+            )
+        pairs.append((image_path, mask_path))
+    return pairs
+
+
+def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size=16, progress=None):
+    """For (image path, mask path) pairs: (model inputs, heatmaps, masks), all at the model input size.
+
+    Masks are resized with nearest neighbour (SPEC section 7); `progress` is a
+    label for a progress bar, or None for none.
+    """
+    size = tuple(preprocessing.image_size)
+    bar = keras.utils.Progbar(len(pairs), unit_name="image") if progress and pairs else None
+    if bar is not None:
+        print(progress, flush=True)
+    inputs, heatmaps, masks = [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        images = []
+        for image_path, mask_path in batch:
+            image = read_image(image_path, preprocessing.channels)
+            masks.append(read_mask(mask_path, size, image_shape=image.shape))
+            images.append(np.asarray(preprocessing(image), np.float32))
+        images = np.stack(images)
+        inputs.append(images)
+        heatmaps.append(explain(model, images, stride=heatmap_stride))
+        if bar is not None:
+            bar.add(len(batch))
+    if not pairs:
+        empty = np.zeros((0, *size), np.float32)
+        return np.zeros((0, *size, preprocessing.channels), np.float32), empty, empty.astype(bool)
+    return np.concatenate(inputs), np.concatenate(heatmaps), np.stack(masks)
+
+
+def evaluate_model(
+    model,
+    preprocessing,
+    split,
+    *,
+    masks_dir=None,
+    threshold=0.5,
+    heatmap_stride=1,
+    skip_unmasked=False,
+    batch_size=16,
+    progress=None,
+):
+    """Metrics of `model` on `split`: a dict with loss, accuracy, auroc, count and,
+    with `masks_dir`, "masks": mask_metrics(...) over the split's masked images."""
+    if len(split) == 0:
+        raise PatchNetError("the split to evaluate holds no images")
+    results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
+    if masks_dir is not None:
+        pairs = mask_pairs(split.paths, masks_dir, skip_missing=skip_unmasked)
+        if not pairs:
+            raise PatchNetError(f"{masks_dir}: no mask matches an image of the split")
+        _, heatmaps, masks = masked_heatmaps(
+            model, preprocessing, pairs, heatmap_stride=heatmap_stride, batch_size=batch_size,
+            progress=progress,
+        )
+        results["masks"] = mask_metrics(heatmaps, masks, threshold=threshold)
+    return results
+
+
+def evaluate(model_path, data, *, split="val", **options):
+    """`patchnet evaluate` as a function: loads the run, evaluates one split."""
+    model, preprocessing, train_config = load_run(model_path)
+    images = load_split(data, preprocessing, split, train_config)
+    results = evaluate_model(model, preprocessing, images, **options)
+    results["split"] = split
+    return results
+
+
+def format_results(results):
+    lines = [
+        f"{results.get('split', 'split')}: {results['count']} images  "
+        f"loss {results['loss']:.4f}  accuracy {format_percent(results['accuracy'])}  "
+        f"AUROC {format_number(results['auroc'])}"
+    ]
+    masks = results.get("masks")
+    if masks:
+        lines.append(
+            f"masks (threshold {masks['threshold']:g}, {masks['images']} images): "
+            f"exact match {format_percent(masks['exact_match'])}  "
+            f"recall {format_percent(masks['recall'])} ({masks['recall_images']} with a non-empty mask)  "
+            f"AUROC {format_number(masks['auroc'])} ({masks['auroc_images']} with both values)"
+        )
+    return "\n".join(lines)
+
+
+def run(args):
+    results = evaluate(
+        args.model,
+        args.data,
+        split=args.split,
+        masks_dir=args.masks,
+        threshold=args.threshold,
+        heatmap_stride=args.heatmap_stride,
+        skip_unmasked=args.skip_unmasked,
+        batch_size=args.batch_size,
+        progress="heatmaps for the mask metrics",
+    )
+    print(format_results(results))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(results, indent=2, allow_nan=True))
+        print(f"wrote {args.json}")

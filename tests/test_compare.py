@@ -1,0 +1,104 @@
+"""`patchnet compare` on a tiny masked dataset: both tables, the figure, TensorBoard."""
+
+import csv
+import glob
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from patchnet_tf.cli import main
+from pipelines import compare as comparison
+from pipelines import evaluate as evaluation
+from test_evaluate import SIZE, write_masked_dataset
+
+CELL = 40
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    data = write_masked_dataset(str(root / "data"), per_class=4)
+    out = str(root / "out")
+    code = main([
+        "compare", data, "--out", out, "--image-size", str(SIZE), "--epochs", "1",
+        "--patch-size", "7", "--filters", "4", "--conv-layers", "2", "--padding", "valid",
+        "--samples", "4", "--cell", str(CELL),
+    ])
+    assert code == 0
+    return data, out
+
+
+def _read_csv(path):
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def test_writes_both_tables_with_the_numbers_evaluate_gives(compared):
+    data, out = compared
+    table1 = _read_csv(os.path.join(out, "table1.csv"))
+    table2 = _read_csv(os.path.join(out, "table2.csv"))
+    assert [row["model"] for row in table1] == ["PatchNet-7", "CAM", "VGG-11"]
+    assert [row["model"] for row in table2] == ["PatchNet-7", "CAM", "Grad-CAM"]
+    assert set(table1[0]) == {"model", "val_loss", "val_accuracy", "test_loss", "test_accuracy"}
+    markdown = open(os.path.join(out, "table1.md")).read()
+    assert "| Model | Validation Loss | Validation Accuracy | Test Loss | Test Accuracy |" in markdown
+    markdown = open(os.path.join(out, "table2.md")).read()
+    assert "| Model | Average Exact Match | Average Recall | Average AUROC |" in markdown
+    assert "recall over the 4 with a non-empty mask" in markdown
+    # The numbers are those `patchnet evaluate --masks` gives for the saved runs.
+    for row1, row2, arch in zip(table1, table2, ("patchnet", "cam", "vgg11")):
+        results = evaluation.evaluate(os.path.join(out, arch), data, masks_dir=os.path.join(data, "masks"))
+        assert float(row1["val_loss"]) == pytest.approx(results["loss"], abs=1e-5)
+        assert float(row1["val_accuracy"]) == pytest.approx(results["accuracy"])
+        for key in ("exact_match", "recall", "auroc"):
+            assert float(row2[key]) == pytest.approx(results["masks"][key], abs=1e-5)
+        assert (int(row2["images"]), int(row2["recall_images"]), int(row2["auroc_images"])) == (8, 4, 4)
+
+
+def test_writes_the_figure_grid_and_logs_it(compared):
+    data, out = compared
+    figure = cv2.imread(os.path.join(out, "comparison.png"))
+    assert figure is not None
+    columns, rows = 5, 4
+    assert figure.shape[1] == columns * (CELL + 4) - 4
+    assert figure.shape[0] == 24 + rows * (CELL + 4)
+    with open(os.path.join(out, "results.json")) as file:
+        picks = json.load(file)["figure_images"]
+    assert len(picks) == 4
+    # Class 1 first: the first row's mask cell is the sampled image's mask, upscaled.
+    stem = sorted(os.listdir(os.path.join(data, "val", "square")))[picks[0] - 4]
+    mask = cv2.imread(os.path.join(data, "masks", stem), cv2.IMREAD_GRAYSCALE)
+    cell = figure[24 : 24 + CELL, CELL + 4 : 2 * CELL + 4, 0]
+    np.testing.assert_array_equal(cell, cv2.resize(mask, (CELL, CELL), interpolation=cv2.INTER_NEAREST))
+
+    events = glob.glob(os.path.join(out, "logs", "events.out.tfevents.*"))
+    tags = [
+        value.tag
+        for path in events
+        for record in tf.compat.v1.train.summary_iterator(path)
+        for value in record.summary.value
+    ]
+    assert "comparison" in tags
+
+
+def test_no_train_loads_the_runs_and_needs_them(compared, tmp_path, capsys):
+    data, out = compared
+    before = open(os.path.join(out, "table2.csv")).read()
+    assert main(["compare", data, "--out", out, "--no-train", "--image-size", str(SIZE),
+                 "--patch-size", "7", "--samples", "4", "--cell", str(CELL)]) == 0
+    assert open(os.path.join(out, "table2.csv")).read() == before
+    capsys.readouterr()
+    assert main(["compare", data, "--out", str(tmp_path / "empty"), "--no-train"]) == 2
+    assert "no such model file" in capsys.readouterr().err
+
+
+def test_sample_indices_put_class_1_first_and_fill_from_the_other_class():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    picks = comparison.sample_indices(labels, 4)
+    assert sorted(picks[:2]) == [4, 5] and set(picks[2:]) <= {0, 1, 2, 3}
+    picks = comparison.sample_indices(np.array([0, 0, 0, 1]), 4)
+    assert picks[0] == 3 and len(picks) == 4

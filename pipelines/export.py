@@ -1,0 +1,257 @@
+"""`patchnet export`: a SavedModel for TensorFlow Serving (SPEC section 6).
+
+Written with `keras.export.ExportArchive`, one endpoint per signature, all
+with method `tensorflow/serving/predict`:
+
+  classify, serving_default   image_bytes string [B]          -> probability float32 [B], label int64 [B]
+  heatmap                     image_bytes string [B]          -> heatmap float32 [B, H, W], probability float32 [B]
+  classify_images             images float32 [B, H, W, 3]     -> probability, label
+  heatmap_images              images float32 [B, H, W, 3]     -> heatmap, probability
+
+Decoding and preprocessing are the training code (`patchnet_tf.preprocessing`)
+traced into the graph, so the server sees what training saw. `images` inputs
+are 0..255 at any size; they are scaled to [0, 1] and resized in the graph.
+The heatmap runs one image at a time and, inside each image, bands of
+patches (`patchnet_tf.heatmaps.dense_heatmap_fn`), so memory stays bounded
+whatever the batch. The graph is float32 (a mixed-precision model is rebuilt
+in float32 with the same weights), has no XLA clusters, and uses only ops
+registered in core TensorFlow, so the stock `tensorflow_model_server` runs it.
+"""
+
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from patchnet_tf.cli import positive_int
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
+from patchnet_tf.preprocessing import Preprocessing, decode_image
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+SIGNATURES = ("classify", "serving_default", "heatmap", "classify_images", "heatmap_images")
+IMAGE_BYTES = "image_bytes"
+IMAGES = "images"
+
+# Leading bytes of the formats tf.io.decode_image reads; checked in the graph
+# so that even the stock server answers "not an image" naming the input.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+def load_model(model_path):
+    """A trained model file (or run folder holding model.keras) and its preprocessing."""
+    path = os.path.join(model_path, "model.keras") if os.path.isdir(model_path) else model_path
+    if not os.path.isfile(path):
+        raise PatchNetError(f"{path}: no such model file (expected a run folder or a .keras file)")
+    preprocessing = Preprocessing.for_model(path)
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types for a bad file
+        raise PatchNetError(f"{path}: not a loadable Keras model ({error})") from None
+    return model, preprocessing
+
+
+def as_float32(model):
+    """The same model with a float32 compute dtype everywhere (weights copied).
+
+    Mixed-precision training keeps float32 variables but computes in float16;
+    serving wants a float32 graph (SPEC section 6), so the model is rebuilt
+    from its config with every dtype policy set to float32.
+    """
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in _all_layers(model)):
+        return model
+
+    def to_float32(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                return {**node, "config": {**node.get("config", {}), "name": "float32"}}
+            return {key: to_float32(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [to_float32(value) for value in node]
+        if isinstance(node, str) and node.startswith("mixed_"):
+            return "float32"
+        return node
+
+    config = to_float32(keras.saving.serialize_keras_object(model))
+    rebuilt = keras.saving.deserialize_keras_object(config)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _all_layers(model):
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        yield layer
+
+
+def _check_image_bytes(image_bytes):
+    """Graph-side checks, so any server rejects bad requests with a named input."""
+    tf.debugging.assert_positive(
+        tf.size(image_bytes),
+        message=f"{IMAGE_BYTES}: empty batch; expected a [B] string tensor with B >= 1 encoded images",
+    )
+    head = tf.strings.substr(image_bytes, 0, 4)
+    known = tf.zeros_like(image_bytes, tf.bool)
+    for magic in _MAGIC:
+        known = known | tf.equal(tf.strings.substr(head, 0, len(magic)), magic)
+    return tf.debugging.Assert(
+        tf.reduce_all(known),
+        [
+            f"{IMAGE_BYTES}: not a JPEG, PNG, GIF or BMP image at batch index",
+            tf.where(tf.logical_not(known))[:, 0],
+        ],
+    )
+
+
+class ServingModule:
+    """The four signature functions of one model; traced by `build_export_archive`."""
+
+    def __init__(self, model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+        self.model = as_float32(model)
+        self.preprocessing = preprocessing
+        self.heatmap_fn = dense_heatmap_fn(
+            self.model, stride=heatmap_stride, chunk_patches=chunk_patches
+        )
+        height, width = preprocessing.image_size
+        self._input_spec = tf.TensorSpec([height, width, preprocessing.channels], tf.float32)
+
+    # -- shared pieces -------------------------------------------------------
+    def decode(self, image_bytes):
+        """[B] encoded images -> [B, H, W, C] model input (decode, resize, gamma, colour)."""
+        with tf.control_dependencies([_check_image_bytes(image_bytes)]):
+            image_bytes = tf.identity(image_bytes)
+        return tf.map_fn(
+            lambda data: self.preprocessing(decode_image(data, self.preprocessing.channels)),
+            image_bytes,
+            fn_output_signature=self._input_spec,
+        )
+
+    def scale(self, images):
+        """[B, H, W, C] 0..255 at any size -> model input."""
+        tf.debugging.assert_positive(
+            tf.shape(images)[0],
+            message=f"{IMAGES}: empty batch; expected [B, H, W, {self.preprocessing.channels}] with B >= 1",
+        )
+        images = tf.clip_by_value(tf.cast(images, tf.float32) / 255.0, 0.0, 1.0)
+        return self.preprocessing(images)
+
+    def probability(self, inputs):
+        return tf.cast(self.model(inputs, training=False), tf.float32)[:, 0]
+
+    def heatmaps(self, inputs):
+        # One image at a time: memory is bounded by the heatmap's chunk, not the batch.
+        height, width = self.preprocessing.image_size
+        return tf.map_fn(
+            self.heatmap_fn,
+            inputs,
+            fn_output_signature=tf.TensorSpec([height, width], tf.float32),
+            parallel_iterations=1,
+        )
+
+    def classify_outputs(self, inputs):
+        probability = self.probability(inputs)
+        label = tf.cast(probability >= 0.5, tf.int64)
+        return {"probability": probability, "label": label}
+
+    def heatmap_outputs(self, inputs):
+        return {"heatmap": self.heatmaps(inputs), "probability": self.probability(inputs)}
+
+    # -- the signatures ------------------------------------------------------
+    def classify(self, image_bytes):
+        return self.classify_outputs(self.decode(image_bytes))
+
+    def heatmap(self, image_bytes):
+        return self.heatmap_outputs(self.decode(image_bytes))
+
+    def classify_images(self, images):
+        return self.classify_outputs(self.scale(images))
+
+    def heatmap_images(self, images):
+        return self.heatmap_outputs(self.scale(images))
+
+
+def build_export_archive(model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+    """An ExportArchive holding the five signatures of SPEC section 6."""
+    module = ServingModule(
+        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+    )
+    bytes_spec = [tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)]
+    images_spec = [tf.TensorSpec([None, None, None, preprocessing.channels], tf.float32, name=IMAGES)]
+
+    # Named functions: the argument name becomes the signature's input key.
+    def classify(image_bytes):
+        return module.classify(image_bytes)
+
+    def heatmap(image_bytes):
+        return module.heatmap(image_bytes)
+
+    def classify_images(images):
+        return module.classify_images(images)
+
+    def heatmap_images(images):
+        return module.heatmap_images(images)
+
+    archive = keras.export.ExportArchive()
+    archive.track(module.model)
+    classify_function = archive.add_endpoint("classify", classify, bytes_spec)
+    archive.add_endpoint("serving_default", classify_function)
+    archive.add_endpoint("heatmap", heatmap, bytes_spec)
+    archive.add_endpoint("classify_images", classify_images, images_spec)
+    archive.add_endpoint("heatmap_images", heatmap_images, images_spec)
+    return archive
+
+
+def write_saved_model(model, preprocessing, export_dir, *, heatmap_stride=1,
+                      chunk_patches=DEFAULT_CHUNK_PATCHES):
+    """Writes the SavedModel to `export_dir` (which must not exist) atomically."""
+    export_dir = os.path.abspath(export_dir)
+    if os.path.exists(export_dir):
+        raise PatchNetError(f"{export_dir}: already exists; export into a new folder")
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    archive = build_export_archive(
+        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+    )
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        archive.write_out(staging, verbose=False)
+        os.replace(staging, export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return export_dir
+
+
+def export_saved_model(model_path, export_dir, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+    """Run folder (or model.keras beside preprocessing.json) -> SavedModel at `export_dir`."""
+    model, preprocessing = load_model(model_path)
+    if not _has_subnet(model):
+        raise PatchNetError(f"{model_path}: not a PatchNet model (no 'subnet'); only PatchNet exports")
+    return write_saved_model(
+        model, preprocessing, export_dir, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+    )
+
+
+def _has_subnet(model):
+    try:
+        model.get_layer("subnet")
+        return True
+    except ValueError:
+        return False
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="run folder (model.keras + preprocessing.json) or a .keras file")
+    parser.add_argument("--out", required=True, help="new folder for the SavedModel")
+    parser.add_argument("--heatmap-stride", type=positive_int, default=1,
+                        help="stride of the heatmap signatures (1 = every pixel, the paper's map)")
+    parser.add_argument("--chunk-patches", type=positive_int, default=DEFAULT_CHUNK_PATCHES,
+                        help="patches per subnet call inside the heatmap signature (bounds memory)")
+
+
+def run(args):
+    path = export_saved_model(
+        args.model, args.out, heatmap_stride=args.heatmap_stride, chunk_patches=args.chunk_patches
+    )
+    print(f"exported SavedModel to {path} (signatures: {', '.join(SIGNATURES)})")
+    print(f"inspect: saved_model_cli show --dir {path} --all")

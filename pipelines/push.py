@@ -1,0 +1,265 @@
+"""`patchnet push`: evaluate, bless, warm up, infra-validate and push a version (TFX style).
+
+The steps, each of which must pass before the next runs:
+
+  export          the candidate SavedModel, in a staging folder outside BASE
+  evaluate        the candidate's classify signature, run through the session
+                  loader on the validation split's encoded images (what the
+                  server will compute), and the same for the version now
+                  served (the highest BASE/<integer>), if any
+  bless           meets --min-accuracy / --min-auroc and is not worse than
+                  the served version by more than --tolerance
+  warmup          assets.extra/tf_serving_warmup_requests, every signature
+  infra-validate  a fresh process loads it as TF Serving does, replays the
+                  warmup requests and checks output shapes and ranges
+  push            copy into BASE/.tmp-<version>-* (not an integer, so TF
+                  Serving ignores it), saved_model.pb last, rename to
+                  BASE/<version>; then models.config beside BASE
+
+A failed step raises PushError naming the step and why, and leaves BASE as
+it was (the staging folder is deleted).
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from google.protobuf import text_format
+from sklearn.metrics import roc_auc_score
+from tensorflow_serving.config import model_server_config_pb2
+
+from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.cli import positive_int
+from patchnet_tf.errors import PatchNetError
+from pipelines.data import load_folder_dataset
+from pipelines.export import export_saved_model
+from serving import warmup
+from serving.loader import LoadedModel, first_line
+from serving.server import list_versions
+
+STEPS = ("export", "evaluate", "bless", "warmup", "infra-validate", "push")
+EVAL_BATCH = 16
+
+
+class PushError(PatchNetError):
+    def __init__(self, step, reason):
+        super().__init__(f"push failed at step {step!r}: {reason}; nothing was pushed")
+        self.step = step
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Evaluation:
+    accuracy: float
+    auroc: float | None  # None when the split holds one class only
+    examples: int
+
+    def text(self):
+        auroc = "n/a" if self.auroc is None else f"{self.auroc:.4f}"
+        return f"accuracy {self.accuracy:.4f}, AUROC {auroc} on {self.examples} images"
+
+
+def evaluate_export(export_dir, paths, labels):
+    """Accuracy and AUROC of the SavedModel's classify signature on image files."""
+    model = LoadedModel(export_dir)
+    try:
+        probabilities = []
+        for start in range(0, len(paths), EVAL_BATCH):
+            batch = []
+            for path in paths[start : start + EVAL_BATCH]:
+                with open(path, "rb") as file:
+                    batch.append(file.read())
+            outputs = model.run("classify", {"image_bytes": np.array(batch, dtype=object)})
+            probabilities.append(outputs["probability"])
+    finally:
+        model.close()
+    probability = np.concatenate(probabilities)
+    labels = np.asarray(labels)
+    accuracy = float(np.mean((probability >= 0.5).astype(np.int64) == labels))
+    auroc = float(roc_auc_score(labels, probability)) if len(np.unique(labels)) == 2 else None
+    return Evaluation(accuracy, auroc, len(labels))
+
+
+def blessing(candidate, baseline, *, min_accuracy=0.0, min_auroc=0.0, tolerance=0.01):
+    """None if blessed, else the reason it is not."""
+    if candidate.accuracy < min_accuracy:
+        return f"accuracy {candidate.accuracy:.4f} is below --min-accuracy {min_accuracy}"
+    if min_auroc > 0 and (candidate.auroc is None or candidate.auroc < min_auroc):
+        return f"AUROC {candidate.auroc} is below --min-auroc {min_auroc}"
+    if baseline is not None:
+        if candidate.accuracy < baseline.accuracy - tolerance:
+            return (f"accuracy {candidate.accuracy:.4f} is worse than the served version's "
+                    f"{baseline.accuracy:.4f} by more than --tolerance {tolerance}")
+        if (candidate.auroc is not None and baseline.auroc is not None
+                and candidate.auroc < baseline.auroc - tolerance):
+            return (f"AUROC {candidate.auroc:.4f} is worse than the served version's "
+                    f"{baseline.auroc:.4f} by more than --tolerance {tolerance}")
+    return None
+
+
+def copy_version(staging, base_dir, version):
+    """The atomic push: a non-integer sibling, saved_model.pb written last, then a rename."""
+    target = os.path.join(base_dir, str(version))
+    if os.path.exists(target):
+        raise PatchNetError(f"{target} already exists")
+    os.makedirs(base_dir, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=base_dir)
+    try:
+        for name in os.listdir(staging):
+            if name == "saved_model.pb":
+                continue
+            source = os.path.join(staging, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(temporary, name))
+            else:
+                shutil.copy2(source, os.path.join(temporary, name))
+        for root, _, files in os.walk(temporary):
+            for name in files:
+                _fsync(os.path.join(root, name))
+        shutil.copy2(os.path.join(staging, "saved_model.pb"), os.path.join(temporary, "saved_model.pb"))
+        _fsync(os.path.join(temporary, "saved_model.pb"))
+        os.chmod(temporary, 0o755)  # mkdtemp's 0700 would hide it from a server running as another user
+        os.rename(temporary, target)
+        _fsync(base_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return target
+
+
+def write_models_config(base_dir, model_name, config_base_path=None):
+    """Adds or updates `model_name` in models.config beside BASE (TF Serving's --model_config_file)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(base_dir)), "models.config")
+    config = model_server_config_pb2.ModelServerConfig()
+    if os.path.exists(path):
+        with open(path) as file:
+            text_format.Parse(file.read(), config)
+    entries = config.model_config_list.config
+    entry = next((entry for entry in entries if entry.name == model_name), None) or entries.add()
+    entry.name = model_name
+    # The path as the server sees it: the compose file mounts BASE's parent at /models.
+    entry.base_path = config_base_path or f"/models/{os.path.basename(os.path.abspath(base_dir))}"
+    entry.model_platform = "tensorflow"
+    atomic_write_text(path, text_format.MessageToString(config))
+    return path
+
+
+def _fsync(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _next_version(base_dir):
+    versions = list_versions(base_dir) if os.path.isdir(base_dir) else []
+    return (max(versions) + 1) if versions else 1
+
+
+def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
+    """The run's own validation split when its train_config.json says how it was made."""
+    run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    config_path = os.path.join(run_dir, "train_config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as file:
+            config = json.load(file)
+        val_fraction = val_fraction if val_fraction is not None else config.get("val_fraction", 0.2)
+        seed = seed if seed is not None else config.get("seed", 0)
+        positive_class = positive_class or config.get("positive_class")
+    dataset = load_folder_dataset(
+        data_dir, positive_class=positive_class,
+        val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed or 0,
+    )
+    return dataset.splits["val"]
+
+
+def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_accuracy=0.0,
+         min_auroc=0.0, tolerance=0.01, heatmap_stride=1, val_fraction=None, seed=None,
+         positive_class=None, config_base_path=None, log=print):
+    """Runs every step; returns the pushed version (an int). Raises PushError on failure."""
+    base_dir = os.path.abspath(base_dir)
+    model_name = model_name or os.path.basename(base_dir)
+    version = version or _next_version(base_dir)
+    if os.path.exists(os.path.join(base_dir, str(version))):
+        raise PushError("push", f"{os.path.join(base_dir, str(version))} already exists")
+    served = list_versions(base_dir) if os.path.isdir(base_dir) else []
+    staging_root = tempfile.mkdtemp(prefix="patchnet-push-")
+    staging = os.path.join(staging_root, "candidate")
+    step = "export"
+    try:
+        export_saved_model(model_path, staging, heatmap_stride=heatmap_stride)
+        log(f"[export] candidate SavedModel staged at {staging}")
+
+        step = "evaluate"
+        split = _validation_split(model_path, data_dir, val_fraction, seed, positive_class)
+        candidate = evaluate_export(staging, split.paths, split.labels)
+        log(f"[evaluate] candidate: {candidate.text()}")
+        baseline = None
+        if served:
+            baseline = evaluate_export(os.path.join(base_dir, str(served[-1])), split.paths, split.labels)
+            log(f"[evaluate] served version {served[-1]}: {baseline.text()}")
+
+        step = "bless"
+        reason = blessing(candidate, baseline, min_accuracy=min_accuracy, min_auroc=min_auroc,
+                          tolerance=tolerance)
+        if reason:
+            raise PatchNetError(reason)
+        log("[bless] blessed")
+
+        step = "warmup"
+        samples = []
+        for path in split.paths[:2]:
+            with open(path, "rb") as file:
+                samples.append(file.read())
+        warmup_path = warmup.write_warmup_requests(staging, model_name, samples or None)
+        log(f"[warmup] {os.path.relpath(warmup_path, staging)} written")
+
+        step = "infra-validate"
+        log(f"[infra-validate] {warmup.infra_validate(staging)}")
+
+        step = "push"
+        target = copy_version(staging, base_dir, version)
+        config_path = write_models_config(base_dir, model_name, config_base_path)
+        log(f"[push] version {version} at {target}; {config_path} updated")
+        return version
+    except PushError:
+        raise
+    except PatchNetError as error:
+        raise PushError(step, str(error)) from None
+    except Exception as error:  # anything unexpected still names its step
+        raise PushError(step, f"{type(error).__name__}: {first_line(error)}") from error
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="run folder (model.keras + preprocessing.json) or a .keras file")
+    parser.add_argument("--base", required=True, help="model base folder that TF Serving watches")
+    parser.add_argument("--data", required=True, help="dataset folder; its validation split is used")
+    parser.add_argument("--model-name", default=None, help="default: the base folder's name")
+    parser.add_argument("--version", type=positive_int, default=None, help="default: highest + 1")
+    parser.add_argument("--min-accuracy", type=float, default=0.0)
+    parser.add_argument("--min-auroc", type=float, default=0.0)
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="how much worse than the served version a candidate may be")
+    parser.add_argument("--heatmap-stride", type=positive_int, default=1)
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="default: the run's train_config.json, else 0.2")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--positive-class", default=None)
+    parser.add_argument("--config-base-path", default=None,
+                        help="base_path written to models.config (default /models/<base folder name>)")
+
+
+def run(args):
+    version = push(
+        args.model, args.base, data_dir=args.data, model_name=args.model_name, version=args.version,
+        min_accuracy=args.min_accuracy, min_auroc=args.min_auroc, tolerance=args.tolerance,
+        heatmap_stride=args.heatmap_stride, val_fraction=args.val_fraction, seed=args.seed,
+        positive_class=args.positive_class, config_base_path=args.config_base_path,
+    )
+    print(f"pushed version {version} to {os.path.join(os.path.abspath(args.base), str(version))}")

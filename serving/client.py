@@ -1,0 +1,161 @@
+"""`patchnet predict`: ask a TensorFlow Serving server (or `patchnet serve`) over gRPC.
+
+Sends the images' encoded bytes (JPEG/PNG/BMP as they are on disk) to the
+`classify` or `heatmap` signature through PredictionServiceStub, so it works
+unchanged against the real tensorflow_model_server. Prints one JSON object
+per image (probability and label); for the heatmap signature it also writes
+<name>_heatmap.png (white = class-1 evidence) and <name>_overlay.png.
+
+    patchnet predict --server localhost:8500 --model patchnet a.png b.jpg
+    patchnet predict --server localhost:8500 --model patchnet --signature heatmap --out maps a.png
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import cv2
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from patchnet_tf.cli import positive_float, positive_int
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
+
+SIGNATURES = ("classify", "heatmap")
+MAX_MESSAGE = 256 << 20
+
+
+@dataclasses.dataclass
+class Prediction:
+    image: str
+    probability: float
+    label: int
+    heatmap: np.ndarray | None = None  # (H, W) at the model's input size, heatmap signature only
+
+    def as_dict(self):
+        return {"image": self.image, "probability": self.probability, "label": self.label}
+
+
+def connect(server):
+    """A PredictionServiceStub on an insecure channel to host:port."""
+    if ":" not in server:
+        raise PatchNetError(f"--server must be host:port, got {server!r}")
+    channel = grpc.insecure_channel(
+        server,
+        options=[("grpc.max_send_message_length", MAX_MESSAGE),
+                 ("grpc.max_receive_message_length", MAX_MESSAGE)],
+    )
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel), channel
+
+
+def build_request(model, images, signature="classify", version=None):
+    """A PredictRequest with `images` (list of encoded bytes) as the image_bytes input."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    return request
+
+
+def call_with_retries(method, request, *, deadline=30.0, retries=4, backoff=0.25):
+    """Calls a unary stub method; retries UNAVAILABLE (server starting or restarting) with backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return method(request, timeout=deadline)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
+                raise
+            time.sleep(backoff * 2**attempt)
+
+
+def _read(image):
+    if isinstance(image, bytes):
+        return "<bytes>", image
+    try:
+        with open(image, "rb") as file:
+            return image, file.read()
+    except OSError as error:
+        raise PatchNetError(f"{image}: cannot read ({error.strerror})") from None
+
+
+def predict(server, model, images, signature="classify", *, version=None, deadline=30.0,
+            retries=4, stub=None):
+    """Images (paths or encoded bytes) -> list of Prediction; `server` is host:port.
+
+    Raises PatchNetError with the server's status code and message on failure.
+    """
+    if signature not in SIGNATURES:
+        raise PatchNetError(f"--signature must be one of {', '.join(SIGNATURES)}, got {signature!r}")
+    names, data = zip(*[_read(image) for image in images]) if images else ((), ())
+    if not data:
+        raise PatchNetError("no images given")
+    channel = None
+    if stub is None:
+        stub, channel = connect(server)
+    try:
+        response = call_with_retries(
+            stub.Predict, build_request(model, data, signature, version),
+            deadline=deadline, retries=retries,
+        )
+    except grpc.RpcError as error:
+        raise PatchNetError(f"{server}: {error.code().name}: {error.details()}") from None
+    finally:
+        if channel is not None:
+            channel.close()
+    outputs = {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+    probability = outputs["probability"]
+    label = outputs.get("label", (probability >= 0.5).astype(np.int64))
+    heatmaps = outputs.get("heatmap")
+    return [
+        Prediction(name, float(probability[index]), int(label[index]),
+                   None if heatmaps is None else heatmaps[index])
+        for index, name in enumerate(names)
+    ]
+
+
+def write_heatmaps(predictions, out_dir):
+    """<stem>_heatmap.png and <stem>_overlay.png per image; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for index, prediction in enumerate(predictions):
+        stem = os.path.splitext(os.path.basename(prediction.image))[0] or f"image{index}"
+        heat = prediction.heatmap
+        gray_path = os.path.join(out_dir, f"{stem}_heatmap.png")
+        cv2.imwrite(gray_path, heatmap_to_gray(heat))
+        written.append(gray_path)
+        original = cv2.imread(prediction.image, cv2.IMREAD_COLOR) if os.path.isfile(prediction.image) else None
+        if original is not None:
+            rgb = cv2.cvtColor(cv2.resize(original, heat.shape[::-1], interpolation=cv2.INTER_AREA),
+                               cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+            overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+            cv2.imwrite(overlay_path, heatmap_overlay(rgb, heat))
+            written.append(overlay_path)
+    return written
+
+
+def add_arguments(parser):
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP), sent as encoded bytes")
+    parser.add_argument("--server", default="localhost:8500", help="host:port of the gRPC endpoint")
+    parser.add_argument("--model", required=True, help="model name (models.config name)")
+    parser.add_argument("--version", type=positive_int, default=None, help="default: the latest served")
+    parser.add_argument("--signature", choices=SIGNATURES, default="classify")
+    parser.add_argument("--deadline", type=positive_float, default=30.0, help="seconds per request")
+    parser.add_argument("--retries", type=int, default=4, help="retries on UNAVAILABLE, with backoff")
+    parser.add_argument("--out", default="heatmaps", help="folder for heatmap PNGs (heatmap signature)")
+
+
+def run(args):
+    predictions = predict(args.server, args.model, args.images, args.signature, version=args.version,
+                          deadline=args.deadline, retries=args.retries)
+    written = write_heatmaps(predictions, args.out) if args.signature == "heatmap" else []
+    for prediction in predictions:
+        print(json.dumps(prediction.as_dict()))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)

@@ -1,0 +1,337 @@
+"""`patchnet serve`: a local gRPC server that answers like TensorFlow Serving.
+
+For where `tensorflow_model_server` cannot run (development, tests, the
+demo). It implements PredictionService.Predict, PredictionService.
+GetModelMetadata and ModelService.GetModelStatus with the
+tensorflow-serving-api protos, so `serving/client.py` (or any TF Serving
+client) works against it unchanged. Its behaviour follows the real server:
+
+- Versions are integer-named folders BASE/<version>/; anything else
+  (a push's ".tmp-..." sibling, "latest", notes) is ignored, and a folder
+  without saved_model.pb is never loaded. The base folder is polled, so a
+  pushed version is picked up without a restart; by default only the latest
+  version is served (TF Serving's `latest { num_versions: 1 }`).
+- A request without a version gets the latest loaded one; a specific
+  version is served if it is loaded, else NOT_FOUND.
+- Signatures run through the same session loader as TF Serving
+  (`serving.loader.LoadedModel`).
+- Status codes and messages as TF Serving's (SPEC section 6).
+
+Binds 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.
+"""
+
+import concurrent.futures
+import logging
+import os
+import signal
+import threading
+import time
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+    predict_pb2,
+)
+
+from patchnet_tf.cli import positive_float, positive_int
+from patchnet_tf.errors import PatchNetError
+from serving.loader import DEFAULT_SIGNATURE, LoadedModel, SignatureError, first_line
+
+LOG = logging.getLogger("patchnet.serve")
+DEFAULT_PORT = 8500
+
+
+def list_versions(base_dir):
+    """Integer-named subfolders holding saved_model.pb, as TF Serving's file system source sees them."""
+    try:
+        names = os.listdir(base_dir)
+    except FileNotFoundError:
+        return []
+    versions = []
+    for name in names:
+        # TF Serving parses the folder name as an int64; "01" is 1, "-1" and "v1" are ignored.
+        if not name.isdigit():
+            continue
+        if os.path.isfile(os.path.join(base_dir, name, "saved_model.pb")):
+            versions.append(int(name))
+    return sorted(versions)
+
+
+class ModelManager:
+    """Loads and unloads the versions of one model by polling its base folder."""
+
+    def __init__(self, base_dir, model_name, *, num_versions=1, poll_seconds=1.0):
+        self.base_dir = os.path.abspath(base_dir)
+        self.model_name = model_name
+        self.num_versions = num_versions
+        self.poll_seconds = poll_seconds
+        self._loaded = {}  # version -> LoadedModel
+        self._failed = {}  # version -> message, a version that failed to load is not retried
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # one poll at a time (the poller and explicit calls)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def poll(self):
+        """One pass: load the wanted versions, unload the rest."""
+        with self._poll_lock:
+            self._poll()
+
+    def _poll(self):
+        on_disk = list_versions(self.base_dir)
+        wanted = set(on_disk[-self.num_versions:])
+        for version in sorted(wanted - set(self._loaded) - set(self._failed)):
+            path = os.path.join(self.base_dir, str(version))
+            try:
+                loaded = LoadedModel(path)
+            except Exception as error:  # a broken version must not stop the server
+                self._failed[version] = first_line(error)
+                LOG.error("model %s version %d failed to load: %s", self.model_name, version,
+                          self._failed[version])
+                continue
+            with self._lock:
+                self._loaded[version] = loaded
+            LOG.info("model %s version %d loaded from %s", self.model_name, version, path)
+        for version in sorted(set(self._loaded) - wanted):
+            with self._lock:
+                self._loaded.pop(version)
+            # Not closed here: requests in flight still hold it; the session closes when collected.
+            LOG.info("model %s version %d unloaded", self.model_name, version)
+        for version in set(self._failed) - set(on_disk):
+            self._failed.pop(version)
+
+    def start(self):
+        self.poll()
+        self._thread = threading.Thread(target=self._poll_loop, name="version-poller", daemon=True)
+        self._thread.start()
+
+    def _poll_loop(self):
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.poll()
+            except Exception:
+                LOG.exception("polling %s failed", self.base_dir)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            loaded, self._loaded = self._loaded, {}
+        for model in loaded.values():
+            model.close()
+
+    def versions(self):
+        with self._lock:
+            return sorted(self._loaded)
+
+    def get(self, model_spec):
+        """(version, LoadedModel) for a ModelSpec; raises SignatureError NOT_FOUND as TF Serving does."""
+        name = model_spec.name
+        requested = model_spec.version.value if model_spec.HasField("version") else None
+        if model_spec.version_label:
+            raise SignatureError(
+                "INVALID_ARGUMENT",
+                f"version_label {model_spec.version_label!r} is not supported by this server; use version",
+            )
+        with self._lock:
+            if name == self.model_name and self._loaded:
+                if requested is None:
+                    version = max(self._loaded)
+                    return version, self._loaded[version]
+                if requested in self._loaded:
+                    return requested, self._loaded[requested]
+        request_text = f"Latest({name})" if requested is None else f"Specific({name}, {requested})"
+        raise SignatureError("NOT_FOUND", f"Servable not found for request: {request_text}")
+
+
+def _abort(context, code, message):
+    context.abort(getattr(grpc.StatusCode, code), message)
+
+
+def _status_name(error):
+    """The gRPC status name of a TF OpError (their codes are the same numbers)."""
+    for code in grpc.StatusCode:
+        if code.value[0] == error.error_code:
+            return code.name
+    return "INTERNAL"
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager):
+        self.manager = manager
+
+    def Predict(self, request, context):
+        try:
+            version, model = self.manager.get(request.model_spec)
+            signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            model.signature(signature_name)
+            inputs = {}
+            for key, proto in request.inputs.items():
+                try:
+                    inputs[key] = tf.make_ndarray(proto)
+                except Exception:
+                    raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
+            outputs = model.run(signature_name, inputs, request.output_filter)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
+        except tf.errors.OpError as error:
+            message = first_line(error)
+            named = [key for key in request.inputs if key in message]
+            if not named:  # e.g. "Invalid PNG data": say which input it came from
+                message = f"{', '.join(sorted(request.inputs))}: {message}"
+            return _abort(context, _status_name(error), message)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.manager.model_name
+        response.model_spec.version.value = version
+        response.model_spec.signature_name = signature_name
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    def GetModelMetadata(self, request, context):
+        try:
+            version, model = self.manager.get(request.model_spec)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
+        fields = list(request.metadata_field)
+        if not fields:
+            return _abort(context, "INVALID_ARGUMENT",
+                          "GetModelMetadataRequest must specify at least one metadata_field")
+        unsupported = [field for field in fields if field != "signature_def"]
+        if unsupported:
+            return _abort(context, "INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature in model.signatures.items():
+            signature_map.signature_def[name].CopyFrom(signature)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.manager.model_name
+        response.model_spec.version.value = version
+        response.metadata["signature_def"].Pack(signature_map)
+        return response
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager):
+        self.manager = manager
+
+    def GetModelStatus(self, request, context):
+        spec = request.model_spec
+        requested = spec.version.value if spec.HasField("version") else None
+        versions = self.manager.versions() if spec.name == self.manager.model_name else []
+        if requested is not None:
+            if requested not in versions:
+                return _abort(context, "NOT_FOUND",
+                              f"Could not find version {requested} of model {spec.name}")
+            versions = [requested]
+        elif not versions:
+            return _abort(context, "NOT_FOUND", f"Could not find any versions of model {spec.name}")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version in versions:
+            status = response.model_version_status.add()
+            status.version = version
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return response
+
+    def HandleReloadConfigRequest(self, request, context):
+        return _abort(context, "UNIMPLEMENTED", "HandleReloadConfigRequest: this server serves one model")
+
+
+class LocalServer:
+    """A running server: `.port`, `.address`, `.versions()`, `.wait_for_version()`, `.stop()`."""
+
+    def __init__(self, manager, grpc_server, host, port):
+        self.manager = manager
+        self._server = grpc_server
+        self.host = host
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.model_name = manager.model_name
+
+    def versions(self):
+        return self.manager.versions()
+
+    def wait_for_version(self, version=None, timeout=60.0):
+        """Blocks until `version` (or any version) is loaded; returns the loaded versions."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            versions = self.versions()
+            if (version is None and versions) or version in versions:
+                return versions
+            time.sleep(0.05)
+        raise PatchNetError(
+            f"model {self.model_name}: version {version if version is not None else 'any'} "
+            f"not loaded within {timeout} s from {self.manager.base_dir}"
+        )
+
+    def stop(self, grace=5.0):
+        """Finishes requests in flight (up to `grace` seconds), then unloads everything."""
+        self._server.stop(grace).wait()
+        self.manager.stop()
+
+    def wait(self):
+        self._server.wait_for_termination()
+
+
+def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_seconds=1.0,
+                 num_versions=1, workers=8):
+    """Starts serving BASE/<version> folders; port 0 picks a free port (see `.port`)."""
+    base_dir = os.path.abspath(base_dir)
+    if not os.path.isdir(base_dir):
+        raise PatchNetError(f"{base_dir}: no such model base folder (expected BASE/<version>/saved_model.pb)")
+    model_name = model_name or os.path.basename(base_dir)
+    manager = ModelManager(base_dir, model_name, num_versions=num_versions, poll_seconds=poll_seconds)
+    manager.start()
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=[  # images and heatmaps exceed gRPC's 4 MB default, as in TF Serving
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+        ],
+    )
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        manager.stop()
+        raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
+    server.start()
+    return LocalServer(manager, server, host, bound)
+
+
+def add_arguments(parser):
+    parser.add_argument("base", help="model base folder holding <version>/saved_model.pb")
+    parser.add_argument("--model-name", default=None, help="default: the base folder's name")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
+    parser.add_argument("--poll-seconds", type=positive_float, default=1.0,
+                        help="how often to look for new versions (TF Serving: --file_system_poll_wait_seconds)")
+    parser.add_argument("--num-versions", type=positive_int, default=1,
+                        help="serve the latest N versions (TF Serving's default policy is latest 1)")
+    parser.add_argument("--workers", type=positive_int, default=8, help="concurrent requests")
+
+
+def run(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    server = start_server(args.base, args.model_name, args.host, args.port,
+                          poll_seconds=args.poll_seconds, num_versions=args.num_versions,
+                          workers=args.workers)
+    stopped = threading.Event()
+
+    def on_signal(signum, frame):
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    versions = server.versions()
+    print(f"serving model {server.model_name} from {server.manager.base_dir} on {server.address} "
+          f"(versions: {', '.join(map(str, versions)) or 'none yet, polling'})", flush=True)
+    while not stopped.wait(0.5):
+        pass
+    print("stopping: finishing requests in flight", flush=True)
+    server.stop()
+    print("stopped", flush=True)

@@ -1,10 +1,14 @@
-"""Training callbacks that survive kill -9: every file is written atomically."""
+"""Training callbacks: checkpoints that survive kill -9 (every file is written
+atomically), the paper's stopping rule, epoch timing, TensorBoard heatmaps."""
 
 import glob
 import json
 import os
+import time
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
 
@@ -69,11 +73,18 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         filepath = self._get_file_path(epoch, batch, logs)
         if not self._should_save_model(epoch, batch, logs, filepath):
             return
+        # Under augmentation `self.model` is the training wrapper; the file holds the plain model.
+        model = inference_model(self.model)
         with atomic_path(filepath) as temporary:
             if self.save_weights_only:
-                self.model.save_weights(temporary, overwrite=True)
+                model.save_weights(temporary, overwrite=True)
             else:
-                self.model.save(temporary, overwrite=True)
+                model.save(temporary, overwrite=True)
+
+
+def inference_model(model):
+    """The model to save or explain: the plain model inside a training wrapper, if any."""
+    return getattr(model, "inference_model", model)
 
 
 class StopAtPerfectAccuracy(keras.callbacks.Callback):
@@ -86,3 +97,67 @@ class StopAtPerfectAccuracy(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (logs or {}).get(self.monitor, 0.0) >= 1.0:
             self.model.stop_training = True
+
+
+class EpochSeconds(keras.callbacks.Callback):
+    """Adds `seconds` (wall time of the epoch, validation included) to the epoch logs.
+
+    Put it first in the callback list so that CSVLogger and TensorBoard record it.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["seconds"] = time.perf_counter() - self._start
+
+
+class TensorBoardHeatmaps(keras.callbacks.Callback):
+    """Every `every` epochs, logs a fixed set of images with their heatmaps (tf.summary.image).
+
+    Each logged picture is [image | heatmap (white = class 1) | overlay], so
+    TensorBoard's step slider shows the evidence maps sharpen during training.
+    """
+
+    def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps"):
+        super().__init__()
+        self.writer_dir = log_dir
+        self.images = np.asarray(images, np.float32)
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.every = int(every)
+        self.stride = int(stride)
+        self.name = name
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every < 1 or (epoch + 1) % self.every:
+            return
+        from patchnet_tf.heatmaps import heatmap, heatmap_overlay, heatmap_to_gray
+
+        import cv2
+
+        model = inference_model(self.model)
+        maps = heatmap(model, self.images, stride=self.stride)
+        height, width = self.images.shape[1:3]
+        pictures = []
+        for image, heat in zip(self.images, maps):
+            if heat.shape != (height, width):
+                heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_NEAREST)
+            rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+            gray = np.repeat(heatmap_to_gray(heat)[..., None], 3, axis=-1) / 255.0
+            overlay = cv2.cvtColor(heatmap_overlay(rgb, heat), cv2.COLOR_BGR2RGB) / 255.0
+            pictures.append(np.concatenate([rgb, gray, overlay], axis=1))
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.writer_dir)
+        with self._writer.as_default():
+            for index, picture in enumerate(pictures):
+                label = "" if self.labels is None else f"-class{int(self.labels[index])}"
+                tf.summary.image(f"{self.name}/{index:02d}{label}", picture[None].astype(np.float32),
+                                 step=epoch)  # the step Keras' TensorBoard uses
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

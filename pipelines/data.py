@@ -4,10 +4,15 @@ Folder format (SPEC section 7): DATA/<class>/*.png|jpg|jpeg|bmp|tif, two
 class folders; class 1 is the second in sorted order unless
 `positive_class` names it. With DATA/train, DATA/val (and DATA/test) the
 splits come from those folders, otherwise from a seeded fraction.
+ISIC 2017 format: a ground-truth CSV (image_id,melanoma,...) and an image
+folder holding <image_id>.jpg. Masks: a flat folder of <stem>.png.
 """
 
+import csv
 import dataclasses
+import json
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -17,6 +22,7 @@ from patchnet_tf.preprocessing import decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
+DATASET_FILE = "dataset.json"  # optional: {"class_names": [class 0, class 1]}
 
 
 @dataclasses.dataclass
@@ -72,9 +78,23 @@ def _order_classes(names, positive_class, root):
     return tuple(name for name in names if name != positive_class) + (positive_class,)
 
 
+def _declared_positive_class(root):
+    """Class 1 as declared by ROOT/dataset.json (the bundled texture dataset writes one)."""
+    path = os.path.join(root, DATASET_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as file:
+            return json.load(file)["class_names"][1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise PatchNetError(f"{path}: expected {{\"class_names\": [class 0, class 1]}} ({error})") from None
+
+
 def load_folder_dataset(root, *, positive_class=None, val_fraction=0.2, seed=0):
     """Lists a folder dataset and splits it; nothing is decoded yet."""
     folders = _class_folders(root)
+    if positive_class is None:
+        positive_class = _declared_positive_class(root)
     if "train" in folders:
         class_names = _order_classes(_class_folders(os.path.join(root, "train")), positive_class, root)
         splits = {
@@ -103,6 +123,65 @@ def split_fraction(split, fraction, seed):
     return pick(~second), pick(second)
 
 
+def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0):
+    """ISIC 2017 ground truth (`image_id,melanoma,...`) -> a seeded train/val split.
+
+    Images are `<image_dir>/<image_id>.jpg` (or .png, ...); `image_dir`
+    defaults to the CSV's folder. Class 1 is melanoma.
+    """
+    image_dir = image_dir or os.path.dirname(os.path.abspath(csv_path))
+    try:
+        with open(csv_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+    except OSError as error:
+        raise PatchNetError(f"{csv_path}: unreadable ({error.strerror})") from None
+    if not rows or not {"image_id", "melanoma"} <= set(rows[0]):
+        raise PatchNetError(f"{csv_path}: expected an ISIC ground-truth CSV with columns image_id,melanoma")
+    if not os.path.isdir(image_dir):
+        raise PatchNetError(f"{image_dir}: no such image folder for {csv_path}")
+    present = {os.path.splitext(name)[0]: name for name in sorted(os.listdir(image_dir))
+               if name.lower().endswith(IMAGE_EXTENSIONS)}
+    paths, labels = [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            label = int(float(row["melanoma"]))
+        except (TypeError, ValueError):
+            label = -1
+        if label not in (0, 1):
+            raise PatchNetError(f"{csv_path}, line {line}: melanoma must be 0 or 1, got {row['melanoma']!r}")
+        image_id = row["image_id"]
+        # A missing file is reported (or skipped) by the decode pass, like a corrupt one.
+        paths.append(os.path.join(image_dir, present.get(image_id, image_id + ".jpg")))
+        labels.append(label)
+    split = Split(paths, np.array(labels, np.int64))
+    if len(np.unique(split.labels)) != 2:
+        raise PatchNetError(f"{csv_path}: needs images of both classes")
+    train, val = split_fraction(split, val_fraction, seed)
+    return FolderDataset(("benign", "melanoma"), {"train": train, "val": val})
+
+
+def load_dataset(path, *, positive_class=None, image_dir=None, val_fraction=0.2, seed=0):
+    """A folder dataset, or an ISIC CSV when `path` is a .csv file (SPEC section 7)."""
+    if path.lower().endswith(".csv"):
+        if positive_class is not None:
+            raise PatchNetError("--positive-class applies to folder datasets; in an ISIC CSV melanoma is class 1")
+        return load_isic_dataset(path, image_dir=image_dir, val_fraction=val_fraction, seed=seed)
+    return load_folder_dataset(path, positive_class=positive_class, val_fraction=val_fraction, seed=seed)
+
+
+def mask_path_for(image_path, mask_dir):
+    """The mask of an image in a flat folder: `<stem>.png` (or ISIC's `<stem>_segmentation.png`).
+
+    Returns None when there is none.
+    """
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    for name in (stem + ".png", stem + "_segmentation.png"):
+        path = os.path.join(mask_dir, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def read_image(path, channels=3):
     """One image file -> float32 (H, W, C) in [0, 1]; a clear error names a bad file."""
     try:
@@ -113,15 +192,180 @@ def read_image(path, channels=3):
         raise PatchNetError(f"{path}: not a decodable image (JPEG, PNG, BMP or GIF)") from None
 
 
-def image_dataset(split, preprocessing, batch_size, *, shuffle=False, seed=0):
-    """(images, labels) batches: decoded in parallel, preprocessed, prefetched."""
-    dataset = tf.data.Dataset.from_tensor_slices((split.paths, split.labels))
-    if shuffle:
-        dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+def decode_mask(mask_bytes, image_size):
+    """Encoded mask PNG -> float32 (H, W, 1) of 0 / 1, resized with nearest neighbour."""
+    mask = tf.io.decode_image(mask_bytes, channels=1, expand_animations=False)
+    mask = tf.image.resize(mask, image_size, method="nearest")
+    return tf.cast(mask > 127, tf.float32)
 
-    def load(path, label):
-        image = decode_image(tf.io.read_file(path), preprocessing.channels)
-        return preprocessing(image), tf.cast(label, tf.float32)[None]
 
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def _mask_paths(split, mask_dir):
+    paths = []
+    for image_path in split.paths:
+        path = mask_path_for(image_path, mask_dir)
+        if path is None:
+            raise PatchNetError(f"{image_path}: no mask {os.path.join(mask_dir, '<stem>.png')} for it")
+        paths.append(path)
+    return paths
+
+
+def _loader(preprocessing, with_masks):
+    def load(path, label, mask_path=None):
+        image = preprocessing(decode_image(tf.io.read_file(path), preprocessing.channels))
+        label = tf.cast(label, tf.float32)[None]
+        if not with_masks:
+            return image, label
+        return image, label, decode_mask(tf.io.read_file(mask_path), preprocessing.image_size)
+
+    return load
+
+
+def _slices(split, mask_paths):
+    columns = (split.paths, split.labels) + ((mask_paths,) if mask_paths is not None else ())
+    return tf.data.Dataset.from_tensor_slices(columns)
+
+
+def _decode_pass(split, preprocessing, mask_paths, keep):
+    """Decodes every file once, in parallel; returns (good indices, arrays or None).
+
+    `keep` keeps the preprocessed tensors (the in-memory cache); otherwise
+    only the decode is checked (the shape is returned so the decode is not
+    pruned from the graph).
+    """
+    load = _loader(preprocessing, mask_paths is not None)
+
+    def checked(index, *columns):
+        if keep:
+            return (index,) + tuple(load(*columns))
+        # Only decode; return the decoded shapes, which are not known before
+        # decoding (a resized image's would be, and the decode be pruned).
+        files = (columns[0],) + tuple(columns[2:])
+        return (index,) + tuple(
+            tf.shape(tf.io.decode_image(tf.io.read_file(path), expand_animations=False)) for path in files
+        )
+
+    indices = tf.data.Dataset.range(len(split))
+    dataset = tf.data.Dataset.zip((indices, _slices(split, mask_paths))).map(
+        lambda index, columns: checked(index, *columns),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    dataset = dataset.ignore_errors(log_warning=False).batch(256).prefetch(2)
+    good, arrays = [], []
+    for batch in dataset.as_numpy_iterator():
+        good.append(batch[0])
+        if keep:
+            arrays.append(batch[1:])
+    good = np.concatenate(good) if good else np.zeros([0], np.int64)
+    if not keep:
+        return good, None
+    return good, tuple(np.concatenate(parts) for parts in zip(*arrays)) if arrays else None
+
+
+def _fits_in_memory(split, preprocessing, limit_bytes):
+    height, width = preprocessing.image_size
+    needed = len(split) * height * width * (preprocessing.channels + 1) * 4
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pages = limit_bytes
+    return needed <= min(limit_bytes, pages // 2)
+
+
+def _report_skipped(name, bad):
+    shown = ", ".join(bad[:20]) + (f", ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
+    print(f"skipped {len(bad)} undecodable file(s) in {name}: {shown}", file=sys.stderr)
+
+
+def image_dataset(
+    split,
+    preprocessing,
+    batch_size,
+    *,
+    shuffle=False,
+    seed=0,
+    balance=False,
+    cache="auto",
+    skip_bad=False,
+    mask_dir=None,
+    name="data",
+    on_skip=_report_skipped,
+    cache_limit_bytes=2 << 30,
+):
+    """(images, labels[, masks]) batches: decoded in parallel, preprocessed, prefetched.
+
+    Every file is decoded once up front: an undecodable (or missing) file
+    stops with an error naming it, or with `skip_bad` is left out and
+    reported through `on_skip(name, paths)`. That pass also fills the
+    in-memory cache when the preprocessed split fits (`cache="auto"`, up to
+    `cache_limit_bytes` and half the free memory; "memory" forces it, "off"
+    decodes every epoch).
+
+    `balance` (training): each epoch draws the same number of images from
+    every class, in shuffled order, len(split) images in all, whatever the
+    class ratio on disk; each class is reshuffled as it repeats. Labels are
+    float32 (B, 1); masks float32 (B, H, W, 1) of 0 / 1 when `mask_dir` is given.
+    """
+    if cache not in ("auto", "memory", "off"):
+        raise ValueError(f"cache must be 'auto', 'memory' or 'off', got {cache!r}")
+    if len(split) == 0:
+        raise PatchNetError(f"{name}: no images")
+    mask_paths = _mask_paths(split, mask_dir) if mask_dir is not None else None
+    keep = cache == "memory" or (cache == "auto" and _fits_in_memory(split, preprocessing, cache_limit_bytes))
+    good, arrays = _decode_pass(split, preprocessing, mask_paths, keep)
+    if len(good) < len(split):
+        bad_indices = sorted(set(range(len(split))) - set(good.tolist()))
+        bad = [split.paths[index] for index in bad_indices]
+        if not skip_bad:
+            what = f" (or its mask {mask_paths[bad_indices[0]]})" if mask_paths else ""
+            others = f"; {len(bad) - 1} more bad file(s)" if len(bad) > 1 else ""
+            raise PatchNetError(
+                f"{bad[0]}{what}: missing or not a decodable image (JPEG, PNG, BMP or GIF){others}; "
+                "--skip-bad leaves such files out"
+            )
+        on_skip(name, bad)
+        split = Split([split.paths[index] for index in good], split.labels[good])
+        mask_paths = [mask_paths[index] for index in good] if mask_paths is not None else None
+        if len(split) == 0:
+            raise PatchNetError(f"{name}: no decodable images")
+
+    def source(indices):
+        if keep:
+            return tf.data.Dataset.from_tensor_slices(tuple(array[indices] for array in arrays))
+        subset = Split([split.paths[index] for index in indices], split.labels[indices])
+        masks = [mask_paths[index] for index in indices] if mask_paths is not None else None
+        return _slices(subset, masks)
+
+    def decode(dataset):
+        if keep:
+            return dataset
+        load = _loader(preprocessing, mask_paths is not None)
+        return dataset.map(lambda *columns: load(*columns),
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    options = tf.data.Options()
+    # Sharding by data, not files: the sources are in-memory tensors or a path list.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    batches = -(-len(split) // batch_size)
+    if balance:
+        classes = np.unique(split.labels)
+        per_class = [
+            source(np.flatnonzero(split.labels == label))
+            .shuffle(int(np.sum(split.labels == label)), seed=seed + int(label), reshuffle_each_iteration=True)
+            .repeat()
+            for label in classes
+        ]
+        draws = batches * batch_size
+        choice = (
+            tf.data.Dataset.range(draws)
+            .map(lambda index: index % len(classes))
+            .shuffle(draws, seed=seed, reshuffle_each_iteration=True)
+        )
+        dataset = decode(tf.data.Dataset.choose_from_datasets(per_class, choice))
+        dataset = dataset.batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
+    else:
+        dataset = source(np.arange(len(split)))
+        if shuffle:
+            dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        dataset = decode(dataset).batch(batch_size)
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -4,9 +4,15 @@ A run folder holds everything about one run:
   model.keras          the best model so far (lowest val_loss), written atomically
   preprocessing.json   how images become model input (export and serving reuse it)
   train_config.json    the flags of the run; a resumed run must match them
-  history.csv          one row per epoch
-  logs/                TensorBoard event files
+  history.csv          one row per epoch (with `seconds`, the epoch's wall time)
+  logs/                TensorBoard: train/ and validation/ scalars (loss, accuracy,
+                       auroc, seconds), heatmaps/ images, the run's HParams
   backup/              per-epoch state; `patchnet train` on the same folder resumes
+
+Scale: the input pipeline is tf.data (pipelines/data.py); augmentation runs
+inside the training step on the model's device (patchnet_tf/augment.py);
+`--mixed-precision` and `--strategy` (one device, several GPUs, several
+machines) choose how the step runs. model.keras is always the plain model.
 """
 
 import json
@@ -17,21 +23,38 @@ import keras
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.augment import Augmentation, AugmentedModel
 from patchnet_tf.cli import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.model import build_patchnet
 from patchnet_tf.preprocessing import Preprocessing
-from pipelines.callbacks import AtomicBackupAndRestore, AtomicModelCheckpoint, StopAtPerfectAccuracy
-from pipelines.data import image_dataset, load_folder_dataset
+from pipelines.callbacks import (
+    AtomicBackupAndRestore,
+    AtomicModelCheckpoint,
+    EpochSeconds,
+    StopAtPerfectAccuracy,
+    TensorBoardHeatmaps,
+)
+from pipelines.data import image_dataset, load_dataset
 
 MODEL_NAME = "model.keras"
 CONFIG_NAME = "train_config.json"
+# Flags that may differ when a run resumes: they change how, not what, it trains.
+RESUMABLE_CHANGES = ("epochs", "cache", "skip_bad", "strategy", "heatmap_every", "heatmap_images")
 
 
 def add_arguments(parser):
-    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val)")
+    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val), "
+                        "or an ISIC 2017 ground-truth CSV (image_id,melanoma,...)")
     parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")
     add_model_arguments(parser)
+    add_training_arguments(parser)
+
+
+def add_training_arguments(parser):
+    """Every `train` flag except DATA, --out and the model's (`patchnet sweep` reuses them)."""
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="ISIC CSV only: folder holding <image_id>.jpg (default: the CSV's folder)")
     parser.add_argument("--image-size", type=image_size, default=(128, 128), help="HEIGHTxWIDTH")
     parser.add_argument("--gamma", type=positive_float, default=None, help="gamma correction, e.g. 2.2")
     parser.add_argument("--shades-of-gray", type=positive_float, default=None, metavar="NORM",
@@ -44,6 +67,31 @@ def add_arguments(parser):
     parser.add_argument("--patience", type=positive_int, default=20,
                         help="epochs without a better val_loss before stopping (paper: 1000)")
     parser.add_argument("--seed", type=int, default=0)
+    group = parser.add_argument_group("augmentation (training step only; never in the saved model)")
+    group.add_argument("--rotation", type=float, default=0.0, metavar="DEGREES",
+                       help="random rotation up to this angle either way (paper, dermoscopy: 180)")
+    group.add_argument("--zoom", type=float, default=1.0, metavar="FACTOR",
+                       help="random zoom-in up to this factor (paper, dermoscopy: 1.2)")
+    group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips")
+    group.add_argument("--vertical-flip", action="store_true", help="random up-down flips")
+    group = parser.add_argument_group("input pipeline")
+    group.add_argument("--no-balance", dest="balance", action="store_false",
+                       help="draw training images as they come instead of equally per class")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="skip (and list) undecodable images instead of stopping at the first")
+    group.add_argument("--cache", choices=("auto", "memory", "off"), default="auto",
+                       help="keep decoded images in memory (auto: when they fit)")
+    group = parser.add_argument_group("scale")
+    group.add_argument("--mixed-precision", choices=("auto", "off", "float16", "bfloat16"), default="auto",
+                       help="auto: float16 on a GPU, off on the CPU; outputs and loss stay float32")
+    group.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+                       help="mirrored: all local GPUs; multiworker: several machines (reads TF_CONFIG). "
+                       "--batch-size is the global batch")
+    group = parser.add_argument_group("TensorBoard")
+    group.add_argument("--heatmap-every", type=int, default=5, metavar="EPOCHS",
+                       help="log validation heatmaps every N epochs (0: never)")
+    group.add_argument("--heatmap-images", type=int, default=4, metavar="COUNT",
+                       help="how many fixed validation images (half per class) to log")
 
 
 def add_model_arguments(parser):
@@ -73,9 +121,10 @@ def build_model(config, channels):
     return baselines.build(config["arch"], (*config["image_size"], channels))
 
 
-def compile_model(model, learning_rate):
+def compile_model(model, learning_rate, optimizer=None):
+    """Adam (paper: 1e-4), binary cross-entropy, accuracy and AUROC; `optimizer` overrides Adam."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auroc")],
     )
@@ -90,7 +139,7 @@ def _check_resume(out, config):
         previous = json.load(file)
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     changed = sorted(
-        key for key in config if key not in ("epochs",) and previous.get(key) != config[key]
+        key for key in config if key not in RESUMABLE_CHANGES and previous.get(key) != config[key]
     )
     if changed:
         raise PatchNetError(
@@ -99,13 +148,95 @@ def _check_resume(out, config):
         )
 
 
+def mixed_precision_policy(choice):
+    """--mixed-precision -> a Keras dtype policy name."""
+    if choice == "auto":
+        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[choice]
+
+
+def distribution_strategy(choice):
+    """--strategy -> a tf.distribute strategy (created once per process)."""
+    if choice == "default":
+        return tf.distribute.get_strategy()
+    if choice == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if choice == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise PatchNetError(
+                "--strategy multiworker needs TF_CONFIG (cluster and task) in the environment; see docs/training.md"
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise PatchNetError(f"--strategy must be default, mirrored or multiworker, got {choice!r}")
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+    )
+
+
+def augmentation_from(config):
+    return Augmentation(
+        rotation=config.get("rotation") or 0.0,
+        zoom=config.get("zoom") or 1.0,
+        horizontal_flip=bool(config.get("horizontal_flip")),
+        vertical_flip=bool(config.get("vertical_flip")),
+    )
+
+
+def _hparams(config):
+    """The run's settings for TensorBoard's HParams dashboard (scalars and strings only)."""
+    skip = ("data", "out", "images", "heatmap_every", "heatmap_images", "cache", "skip_bad")
+    values = {}
+    for key, value in sorted(config.items()):
+        if key in skip or value is None:
+            continue
+        values[key] = value if isinstance(value, (bool, int, float, str)) else "x".join(map(str, value))
+    return values
+
+
+def _write_hparams(log_dir, config):
+    from tensorboard.plugins.hparams import api as hparams_api
+
+    with tf.summary.create_file_writer(log_dir).as_default():
+        hparams_api.hparams(_hparams(config), trial_id=os.path.basename(os.path.abspath(config["out"])))
+
+
+def _heatmap_examples(split, preprocessing, count):
+    """A fixed set of validation images, alternating classes: the same ones every epoch."""
+    from pipelines.data import Split
+
+    picks = []
+    for label in (0, 1):
+        members = [index for index, value in enumerate(split.labels) if value == label]
+        picks += members[: (count + 1 - label) // 2]
+    if not picks:
+        return None, None
+    subset = Split([split.paths[index] for index in picks], split.labels[picks])
+    batches = list(image_dataset(subset, preprocessing, max(1, len(subset)), cache="memory",
+                                 skip_bad=True, on_skip=lambda *_: None, name="heatmap images"))
+    return batches[0] if batches else (None, None)
+
+
 def train(config):
-    """Trains per `config` (the flags as a dict); returns the fit History."""
+    """Trains per `config` (the flags as a dict); returns the fit History.
+
+    Missing keys take the `patchnet train` defaults, so callers can pass
+    only what they change (plus data and out).
+    """
+    config = {**train_defaults(), **config}
     out = config["out"]
+    previous_policy = keras.mixed_precision.global_policy()
+    strategy = distribution_strategy(config["strategy"])
     keras.utils.set_random_seed(config["seed"])
-    dataset = load_folder_dataset(
+    dataset = load_dataset(
         config["data"],
         positive_class=config["positive_class"],
+        image_dir=config["images"],
         val_fraction=config["val_fraction"],
         seed=config["seed"],
     )
@@ -120,40 +251,87 @@ def train(config):
         raise PatchNetError(
             f"--patch-size {config['patch_size']} is larger than the image ({smallest} px after resizing)"
         )
+    for name in ("rotation", "zoom"):
+        if config[name] < (0.0 if name == "rotation" else 1.0):
+            raise PatchNetError(f"--{name} must be at least {0 if name == 'rotation' else 1}, got {config[name]}")
     _check_resume(out, config)
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
-    preprocessing.save(out)
+    chief = _is_chief(strategy)
+    # Other workers of a multi-worker run write to a scratch folder of their own.
+    run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
+    os.makedirs(run_dir, exist_ok=True)
+    if chief:
+        atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
+        preprocessing.save(out)
 
+    data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
     train_data = image_dataset(
-        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True, seed=config["seed"]
+        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
+        balance=config["balance"], name="train", **data_options,
     )
-    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"])
-    model = compile_model(build_model(config, preprocessing.channels), config["learning_rate"])
+    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"], name="val", **data_options)
 
+    keras.mixed_precision.set_global_policy(mixed_precision_policy(config["mixed_precision"]))
+    try:
+        with strategy.scope():
+            model = build_model(config, preprocessing.channels)
+            trainer = AugmentedModel(model, augmentation_from(config), seed=config["seed"])
+            compile_model(trainer, config["learning_rate"])
+            # The saved model shares the trainer's optimizer, so model.keras holds its state too.
+            compile_model(model, config["learning_rate"], optimizer=trainer.optimizer)
+            # Built before fit, so a backup can be restored into it.
+            trainer(tf.zeros((1, *preprocessing.image_size, preprocessing.channels)))
+        callbacks = _callbacks(config, run_dir, dataset, preprocessing)
+        history = trainer.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=config["epochs"],
+            callbacks=callbacks,
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return history
+
+
+def _callbacks(config, run_dir, dataset, preprocessing):
+    log_dir = os.path.join(run_dir, "logs")
     early_stopping = keras.callbacks.EarlyStopping("val_loss", patience=config["patience"])
-    checkpoint = AtomicModelCheckpoint(os.path.join(out, MODEL_NAME), "val_loss", save_best_only=True)
+    checkpoint = AtomicModelCheckpoint(os.path.join(run_dir, MODEL_NAME), "val_loss", save_best_only=True)
+    _write_hparams(log_dir, config)
     callbacks = [
+        EpochSeconds(),  # first, so the loggers below record its `seconds`
         checkpoint,
         early_stopping,
         StopAtPerfectAccuracy(),
-        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(out, "logs")),
-        # Last, so it records the other callbacks' state after each epoch.
-        # Kept after the run, so the same command with more --epochs continues it.
-        AtomicBackupAndRestore(
-            os.path.join(out, "backup"), stateful=[early_stopping, checkpoint], delete_checkpoint=False
-        ),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(log_dir),
     ]
-    history = model.fit(
-        train_data,
-        validation_data=val_data,
-        epochs=config["epochs"],
-        callbacks=callbacks,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
-    return history
+    if config["arch"] == "patchnet" and config["heatmap_every"] > 0 and config["heatmap_images"] > 0:
+        images, labels = _heatmap_examples(dataset.splits["val"], preprocessing, config["heatmap_images"])
+        if images is not None:
+            # Stride 1 for exact one-pass valid models; per-patch "same" models at a
+            # stride that keeps the cost to about 1,000 patches per image.
+            height, width = preprocessing.image_size
+            stride = 1 if config["padding"] == "valid" else max(1, int((height * width / 1000) ** 0.5))
+            callbacks.append(TensorBoardHeatmaps(os.path.join(log_dir, "heatmaps"), images, labels,
+                                                 every=config["heatmap_every"], stride=stride))
+    # Last, so it records the other callbacks' state after each epoch.
+    # Kept after the run, so the same command with more --epochs continues it.
+    callbacks.append(AtomicBackupAndRestore(
+        os.path.join(run_dir, "backup"), stateful=[early_stopping, checkpoint], delete_checkpoint=False
+    ))
+    return callbacks
+
+
+def train_defaults():
+    """The `patchnet train` flag defaults as a config dict (without data and out)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_training_arguments(parser)
+    return vars(parser.parse_args([]))
 
 
 def run(args):

@@ -1,0 +1,127 @@
+"""Training-time augmentation that runs where the model runs (GPU when there is one).
+
+The paper augments dermoscopy with random rotations up to 180 degrees and
+zoom-ins up to 120 %, and textures with random flips. Here all of them are
+one batched `ImageProjectiveTransformV3` (the op behind `tf.image` and the
+Keras random-rotation/zoom layers) plus flips, applied inside the training
+step by `AugmentedModel`, never in the saved model: inference, evaluation
+and the exported graph see the plain model.
+
+Randomness is stateless, seeded by (seed, optimizer step, replica): no
+random-generator variables to mirror across devices or to save, and a
+resumed run draws the same transforms an uninterrupted one would.
+"""
+
+import dataclasses
+import math
+
+import keras
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """What to randomize; all off by default. Training-only, so not in preprocessing.json."""
+
+    rotation: float = 0.0  # maximum angle in degrees, either direction
+    zoom: float = 1.0  # maximum zoom-in factor, e.g. 1.2 for 120 %
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    fill_mode: str = "REFLECT"  # what appears in rotated corners: no black wedges to learn
+
+    @property
+    def active(self):
+        return bool(self.rotation or self.zoom > 1.0 or self.horizontal_flip or self.vertical_flip)
+
+    def __call__(self, images, seed):
+        """(B, H, W, C) float images -> the same shape, randomly transformed per image.
+
+        `seed` is a stateless seed, an int32/int64 tensor of shape (2,).
+        """
+        images = tf.convert_to_tensor(images)
+        dtype = images.dtype
+        images = tf.cast(images, tf.float32)
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+        batch = tf.shape(images)[0]
+        if self.horizontal_flip:
+            flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0]) < 0.5
+            images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+        if self.vertical_flip:
+            flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
+            images = tf.where(flip, tf.reverse(images, axis=[1]), images)
+        if self.rotation or self.zoom > 1.0:
+            limit = math.radians(self.rotation)
+            angles = tf.random.stateless_uniform([batch], seeds[2], -limit, limit)
+            zooms = tf.random.stateless_uniform([batch], seeds[3], 1.0, self.zoom)
+            images = rotate_and_zoom(images, angles, zooms, self.fill_mode)
+        return tf.cast(images, dtype)
+
+
+def rotate_and_zoom(images, angles, zooms, fill_mode="REFLECT"):
+    """Rotates each image by `angles` (radians) and zooms in by `zooms` (>= 1) about its centre.
+
+    Output pixel (x, y) samples the input at centre + R(angle) (p - centre) / zoom,
+    bilinearly; angle 0 and zoom 1 give the image back exactly.
+    """
+    height = tf.cast(tf.shape(images)[1], tf.float32)
+    width = tf.cast(tf.shape(images)[2], tf.float32)
+    centre_x, centre_y = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    cos, sin = tf.cos(angles) / zooms, tf.sin(angles) / zooms
+    zeros = tf.zeros_like(angles)
+    transforms = tf.stack(
+        [
+            cos,
+            -sin,
+            centre_x - cos * centre_x + sin * centre_y,
+            sin,
+            cos,
+            centre_y - sin * centre_x - cos * centre_y,
+            zeros,
+            zeros,
+        ],
+        axis=1,
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode=fill_mode,
+    )
+
+
+class AugmentedModel(keras.Model):
+    """Trains `inference_model` on augmented batches; is `inference_model` otherwise.
+
+    `fit` calls the model with training=True, so only the training step
+    augments; `evaluate`, `predict` and validation call it with
+    training=False and see the plain model. Save `inference_model` (the
+    checkpoint callbacks do), not this wrapper. Outputs are cast to float32
+    so the loss and metrics stay float32 under mixed precision.
+    """
+
+    def __init__(self, inference_model, augmentation=Augmentation(), seed=0, **kwargs):
+        super().__init__(name=f"augmented_{inference_model.name}", **kwargs)
+        self.inference_model = inference_model
+        self.augmentation = augmentation
+        self.seed = int(seed)
+
+    def call(self, images, training=False):
+        if training and self.augmentation.active:
+            images = self.augmentation(images, self._step_seed())
+        return tf.cast(self.inference_model(images, training=training), tf.float32)
+
+    def _step_seed(self):
+        step = tf.cast(self.optimizer.iterations, tf.int64) if self.optimizer else tf.constant(0, tf.int64)
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        # replica_id_in_sync_group counts over all workers under multi-worker training.
+        replica_id = tf.cast(replica_id, tf.int64)
+        return tf.stack([tf.constant(self.seed, tf.int64) * 65537 + replica_id, step])
+
+    def build(self, input_shape):
+        if not self.inference_model.built:
+            self.inference_model.build(input_shape)
+        self.built = True
+

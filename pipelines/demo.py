@@ -1,0 +1,123 @@
+"""`patchnet demo`: the whole job on the bundled texture dataset.
+
+generate the dataset -> train (keras fit) -> test accuracy and heatmap AUROC
+against the inlay masks -> heatmap PNGs -> export a SavedModel -> push it
+(blessed, infra-validated) -> start the local TF-Serving-compatible server ->
+call `classify` and `heatmap` over gRPC -> stop the server.
+"""
+
+import os
+import time
+
+import cv2
+import numpy as np
+
+from patchnet_tf.cli import image_size, positive_int
+from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
+from patchnet_tf.metrics import format_number, format_percent
+
+MODEL_NAME = "patchnet"
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
+    parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
+    parser.add_argument("--epochs", type=positive_int, default=40)
+    parser.add_argument("--patch-size", type=positive_int, default=11)
+    parser.add_argument("--padding", choices=("same", "valid"), default="same")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="local server port (0: a free one)")
+
+
+class Stages:
+    """Prints '[n/7] stage ...' and how long each stage took."""
+
+    def __init__(self, total):
+        self.total, self.index, self.started = total, 0, time.monotonic()
+
+    def __call__(self, title):
+        self.index += 1
+        print(f"\n[{self.index}/{self.total}] {title}  (t = {time.monotonic() - self.started:.0f} s)", flush=True)
+
+
+def write_figure(path, images, masks, heatmaps):
+    """Rows of image | mask | heatmap | overlay, the README's picture."""
+    rows = []
+    for image, mask, heat in zip(images, masks, heatmaps):
+        bgr = cv2.cvtColor(np.round(image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+        gray = lambda m: cv2.cvtColor(heatmap_to_gray(m), cv2.COLOR_GRAY2BGR)
+        tiles = [bgr, gray(mask.astype(np.float32)), gray(heat), heatmap_overlay(image, heat)]
+        rows.append(np.concatenate([np.pad(t, [(2, 2), (2, 2), (0, 0)], constant_values=255) for t in tiles], 1))
+    figure = np.concatenate(rows, 0)
+    scale = max(1, 256 // images.shape[1])
+    cv2.imwrite(path, cv2.resize(figure, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
+
+
+def run(args):
+    from pipelines.evaluate import evaluate_model, format_results, load_run, mask_pairs, masked_heatmaps
+    from pipelines.data import load_folder_dataset
+    from pipelines.export import export_saved_model
+    from pipelines.push import push
+    from pipelines.textures import write_texture_dataset
+    from pipelines.train import MODEL_NAME as MODEL_FILE, train
+    from serving.client import predict, write_heatmaps
+    from serving.server import start_server
+
+    out = os.path.abspath(args.out)
+    data, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
+    stage = Stages(7)
+
+    stage("bundled dataset: scikit-image textures with brick inlays (class 1) and their masks")
+    write_texture_dataset(data, image_size=args.image_size, seed=args.seed)
+    print(f"  {data}")
+
+    stage(f"train PatchNet-{args.patch_size} ({args.padding} padding) with keras fit")
+    config = {
+        "data": data, "out": run_dir, "arch": "patchnet", "patch_size": args.patch_size,
+        "stride": None, "padding": args.padding, "filters": 16, "conv_layers": 3, "region": None,
+        "image_size": args.image_size, "gamma": None, "shades_of_gray": None, "positive_class": None,
+        "val_fraction": 0.2, "batch_size": 8, "epochs": args.epochs, "learning_rate": 3e-3,
+        "patience": 10, "seed": args.seed,
+    }
+    train(config)
+    model_path = os.path.join(run_dir, MODEL_FILE)
+
+    stage("test split: accuracy, and heatmap AUROC against the inlay masks")
+    model, preprocessing, _ = load_run(model_path)
+    test = load_folder_dataset(data).splits["test"]
+    results = evaluate_model(model, preprocessing, test, masks_dir=os.path.join(data, "masks"))
+    results["split"] = "test"
+    print("  " + format_results(results).replace("\n", "\n  "))
+
+    stage("heatmaps: image | mask | heatmap (white = inlay evidence) | overlay")
+    inlays = [path for path, label in zip(test.paths, test.labels) if label == 1][:4]
+    images, heatmaps, masks = masked_heatmaps(model, preprocessing, mask_pairs(inlays, os.path.join(data, "masks")))
+    figure = os.path.join(out, "heatmaps.png")
+    write_figure(figure, images, masks, heatmaps)
+    print(f"  {figure}")
+
+    stage("export a SavedModel (classify, heatmap, classify_images, heatmap_images) and push it")
+    base = os.path.join(out, "serving", MODEL_NAME)
+    version = push(model_path, base, data_dir=data, model_name=MODEL_NAME,
+                   log=lambda line: print("  " + line))
+
+    stage("serve it with the local TF-Serving-compatible gRPC server")
+    server = start_server(base, MODEL_NAME, port=args.port)
+    try:
+        server.wait_for_version(version)
+        print(f"  serving {MODEL_NAME} version {version} on {server.address}")
+
+        stage("call classify and heatmap over gRPC")
+        queries = [test.paths[0], inlays[0]]
+        for prediction in predict(server.address, MODEL_NAME, queries, "classify"):
+            print(f"  classify {os.path.basename(prediction.image)}: "
+                  f"P(inlay) = {prediction.probability:.3f}, label {prediction.label}")
+        answers = predict(server.address, MODEL_NAME, queries, "heatmap")
+        written = write_heatmaps(answers, os.path.join(out, "served-heatmaps"))
+        print(f"  heatmap signature: {len(answers)} maps of {answers[0].heatmap.shape}, written to "
+              f"{os.path.dirname(written[0])}")
+    finally:
+        server.stop()
+    print(f"\nDone. Test accuracy {format_percent(results['accuracy'])}, heatmap AUROC "
+          f"{format_number(results['masks']['auroc'])}. Figure: {figure}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'logs')}")

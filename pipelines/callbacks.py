@@ -161,3 +161,21 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def trim_csv_log(csv_path, backup_dir):
+    """Drops history rows of epochs the backup does not hold.
+
+    A kill after `CSVLogger` wrote an epoch's row but before that epoch's
+    backup landed makes the resumed run train (and log) that epoch again.
+    """
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as file:
+            finished = json.load(file)["epoch"]
+        with open(csv_path) as file:
+            lines = file.read().splitlines(keepends=True)
+    except (OSError, ValueError, KeyError):
+        return
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < finished]
+    if kept != lines:
+        atomic_write_text(csv_path, "".join(kept))

@@ -34,6 +34,7 @@ from pipelines.callbacks import (
     EpochSeconds,
     StopAtPerfectAccuracy,
     TensorBoardHeatmaps,
+    trim_csv_log,
 )
 from pipelines.data import image_dataset, load_dataset
 
@@ -299,6 +300,7 @@ def _callbacks(config, run_dir, dataset, preprocessing):
     early_stopping = keras.callbacks.EarlyStopping("val_loss", patience=config["patience"])
     checkpoint = AtomicModelCheckpoint(os.path.join(run_dir, MODEL_NAME), "val_loss", save_best_only=True)
     _write_hparams(log_dir, config)
+    trim_csv_log(os.path.join(run_dir, "history.csv"), os.path.join(run_dir, "backup"))
     callbacks = [
         EpochSeconds(),  # first, so the loggers below record its `seconds`
         checkpoint,

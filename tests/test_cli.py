@@ -144,6 +144,18 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
     assert started[0] == f"Epoch {done + 1}/8", started  # finished epochs are not repeated
     assert started[-1] == "Epoch 8/8"
     with open(os.path.join(run, "history.csv")) as file:
-        epochs = sorted({int(row["epoch"]) for row in csv.DictReader(file)})
-    assert epochs == list(range(8))
+        epochs = [int(row["epoch"]) for row in csv.DictReader(file)]
+    assert epochs == list(range(8))  # one row per epoch, none lost or repeated
     assert keras.models.load_model(os.path.join(run, "model.keras")).get_layer("subnet")
+
+
+def test_history_rows_beyond_the_backup_are_dropped(tmp_path):
+    """Killed between the CSV row and the backup: the epoch reruns, its row is not doubled."""
+    from pipelines.callbacks import trim_csv_log
+
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "backup" / "training_metadata.json").write_text(json.dumps({"epoch": 2}))
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,0.9\n1,0.8\n2,0.7\n")
+    trim_csv_log(str(history), str(tmp_path / "backup"))
+    assert history.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"

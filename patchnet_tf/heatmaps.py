@@ -1,10 +1,28 @@
 """Dense heatmaps: the subnet on the patch centred at every pixel (paper Appendix B).
 
-`dense_patch_map` is pure TensorFlow (a `tf.while_loop` over bands of rows,
+Two exact paths, both pure TensorFlow (a `tf.while_loop` over bands of rows,
 one band in flight at a time), so the same code runs eagerly behind
-`heatmap()` and inside the exported SavedModel's heatmap signature, and its
-peak memory is bounded by `chunk_patches`, not by the image size.
+`heatmap()` and inside the exported SavedModel's heatmap signature, and peak
+memory is bounded by the band size, not by the image size:
+
+- `dense_patch_map`: cut every centred patch and run the subnet on it. The
+  only choice for the paper's padding="same" model, whose convs zero-pad
+  each patch on its own: about 196 MFLOP per patch at p = 21 with 7 x 64
+  convs, so a stride-1 192 x 256 map is 9.6 TFLOP. Stride s costs about
+  1/s^2 of that (s = 2: a quarter; s = 4: a sixteenth) and gives an s x s
+  blocky map.
+- `dense_valid_map`: for padding="valid" models the subnet on the patch
+  centred at (i, j) equals the fully convolutional network (conv stack, the
+  per-filter linear map as a depthwise conv, tanh, the head as a 1x1 map,
+  sigmoid) at (i, j) of the zero-padded image, so one pass over the image
+  gives the whole map: every conv output is computed once per pixel instead
+  of once per patch that contains it. Bands overlap by a p - 1 row halo.
+
+`dense_heatmap_fn(model)` picks the path from the model's padding; it is what
+`heatmap()`, `filter_heatmaps()` and the export code call.
 """
+
+import collections
 
 import cv2
 import keras
@@ -12,9 +30,17 @@ import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.layers import apply_fully_convolutional, fully_convolutional_layers
 from patchnet_tf.model import patch_geometry
 
+# Patches per subnet call on the per-patch path. bench/heatmap.py on 2 cores
+# (p = 21, 7 x 64 convs): 256, 1024 and 4096 give the same throughput within
+# the run-to-run noise (610 / 550 / 580 patches/s); 1024 keeps one conv
+# activation of that subnet near 115 MB.
 DEFAULT_CHUNK_PATCHES = 1024
+# Output pixels per band on the one-pass path: a 192 x 256 image is one band;
+# a 1024 x 1024 image is 8 bands of 128 rows, about 40 MB per activation.
+DEFAULT_BAND_PIXELS = 1 << 17
 
 
 def check_centred_patch_size(patch_size):
@@ -24,20 +50,16 @@ def check_centred_patch_size(patch_size):
         )
 
 
-def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
-    """(H, W, C) image -> (H, W, K): `patch_fn` on the zero-padded patch centred at each pixel.
+def _centred_padding(image, patch_size, stride):
+    """Zero-pad (H, W, C) so that the patch centred at grid point (i, j) starts at (s*i, s*j).
 
-    With stride s only the patches centred at (s*i + s//2, s*j + s//2) are
-    evaluated, and each value fills its s x s block (cost about 1/s^2).
-    `patch_fn` maps (N, p, p, C) -> (N, K).
+    Grid point (i, j) is pixel (s*i + s//2, s*j + s//2). Returns the padded
+    image and the grid's (rows, cols).
     """
-    image = tf.convert_to_tensor(image, tf.float32)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    channels = image.shape[-1]
     rows = (height + stride - 1) // stride
     cols = (width + stride - 1) // stride
     half, offset = patch_size // 2, stride // 2
-    # Padded so that the patch centred at grid point (i, j) starts at (s*i, s*j).
     padded_height = (rows - 1) * stride + patch_size
     padded_width = (cols - 1) * stride + patch_size
     padded = tf.pad(
@@ -48,22 +70,27 @@ def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT
             [0, 0],
         ],
     )[offset : offset + padded_height, offset : offset + padded_width]
-    band_rows = tf.maximum(1, chunk_patches // cols)
+    return padded, rows, cols
+
+
+def _banded_map(band_fn, image, patch_size, stride, band_rows_for):
+    """Run `band_fn(window, count, cols) -> (count, cols, K)` over bands of grid rows.
+
+    Each band's window is the padded rows its patches need (a p - s row halo
+    shared with the next band); the bands are concatenated, each grid value
+    fills its s x s block, and the map is cropped to (H, W, K).
+    """
+    image = tf.convert_to_tensor(image, tf.float32)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    padded, rows, cols = _centred_padding(image, patch_size, stride)
+    band_rows = band_rows_for(cols)
     num_bands = (rows + band_rows - 1) // band_rows
 
     def band(index, maps):
         first = index * band_rows
         count = tf.minimum(band_rows, rows - first)
         window = padded[first * stride : first * stride + (count - 1) * stride + patch_size]
-        patches = tf.image.extract_patches(
-            window[None],
-            sizes=[1, patch_size, patch_size, 1],
-            strides=[1, stride, stride, 1],
-            rates=[1, 1, 1, 1],
-            padding="VALID",
-        )
-        patches = tf.reshape(patches, [-1, patch_size, patch_size, channels])
-        values = tf.cast(patch_fn(patches), tf.float32)
+        values = tf.cast(band_fn(window, count, cols), tf.float32)
         return index + 1, maps.write(index, tf.reshape(values, [count, cols, -1]))
 
     maps = tf.TensorArray(tf.float32, size=num_bands, infer_shape=False)
@@ -74,6 +101,105 @@ def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT
     if stride > 1:
         grid = tf.repeat(tf.repeat(grid, stride, axis=0), stride, axis=1)
     return grid[:height, :width]
+
+
+def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+    """(H, W, C) image -> (H, W, K): `patch_fn` on the zero-padded patch centred at each pixel.
+
+    With stride s only the patches centred at (s*i + s//2, s*j + s//2) are
+    evaluated, and each value fills its s x s block (cost about 1/s^2).
+    `patch_fn` maps (N, p, p, C) -> (N, K). At most about `chunk_patches`
+    patches (at least one grid row) go to `patch_fn` at a time.
+    """
+    image = tf.convert_to_tensor(image, tf.float32)
+    channels = image.shape[-1]
+
+    def band_fn(window, count, cols):
+        patches = tf.image.extract_patches(
+            window[None],
+            sizes=[1, patch_size, patch_size, 1],
+            strides=[1, stride, stride, 1],
+            rates=[1, 1, 1, 1],
+            padding="VALID",
+        )
+        return patch_fn(tf.reshape(patches, [-1, patch_size, patch_size, channels]))
+
+    return _banded_map(
+        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, chunk_patches // cols)
+    )
+
+
+def dense_valid_map(
+    subnet, image, stride=1, *, until="patch_probability", band_pixels=DEFAULT_BAND_PIXELS
+):
+    """(H, W, C) image -> (H, W, K) in one fully convolutional pass of a padding="valid" subnet.
+
+    Equal (to float32 rounding) to `dense_patch_map(subnet, image, p, stride)`:
+    the padded window of a band is run through the subnet's layers from
+    `conv1` to `until` ("patch_probability" for the heatmap,
+    "filter_features" for the filter heatmaps). About `band_pixels` grid
+    points (at least one row) are computed per band.
+    """
+    patch_size = subnet.input_shape[1]
+    layers = fully_convolutional_layers(subnet, until)
+
+    def band_fn(window, count, cols):
+        return apply_fully_convolutional(layers, window[None], stride)[0]
+
+    return _banded_map(
+        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, band_pixels // cols)
+    )
+
+
+def dense_heatmap_fn(
+    model,
+    *,
+    stride=1,
+    feature_layer=None,
+    chunk_patches=DEFAULT_CHUNK_PATCHES,
+    band_pixels=DEFAULT_BAND_PIXELS,
+):
+    """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap, or (H, W, K) features.
+
+    Pure TensorFlow ops, no XLA, so it can be traced into a SavedModel
+    signature as it is. padding="valid" models take the one-pass path
+    (`dense_valid_map`), padding="same" models the per-patch path
+    (`dense_patch_map`); both are exact. `feature_layer=None` gives the class-1
+    heatmap; `"filter_features"` gives the (H, W, filters) filter heatmaps.
+    """
+    patch_size, padding = patch_geometry(model)
+    check_centred_patch_size(patch_size)
+    if stride < 1:
+        raise PatchNetError(f"stride must be >= 1, got {stride}")
+    subnet = model.get_layer("subnet")
+
+    if padding == "valid":
+        if feature_layer not in (None, "filter_linear", "filter_features", "head", "patch_probability"):
+            raise PatchNetError(
+                f"feature_layer must be at or after 'filter_linear' (one value per patch), got {feature_layer!r}"
+            )
+
+        def dense_map(image):
+            return dense_valid_map(
+                subnet, image, stride, until=feature_layer or "patch_probability",
+                band_pixels=band_pixels,
+            )
+
+    else:
+        if feature_layer is None:
+            patch_model = subnet
+        else:
+            patch_model = keras.Model(subnet.input, subnet.get_layer(feature_layer).output)
+
+        def patch_fn(patches):
+            return tf.reshape(patch_model(patches, training=False), [tf.shape(patches)[0], -1])
+
+        def dense_map(image):
+            return dense_patch_map(patch_fn, image, patch_size, stride, chunk_patches)
+
+    if feature_layer is None:
+        return lambda image: dense_map(image)[..., 0]
+    return dense_map
 
 
 def _as_image_batch(images, channels):
@@ -87,41 +213,64 @@ def _as_image_batch(images, channels):
     return images
 
 
-def _patch_maps(model, images, feature_layer, stride, chunk_patches):
+# Traced heatmap functions, so repeated heatmap() calls on one model do not
+# retrace. Bounded, and each entry keeps its subnet to check identity (ids of
+# collected models can be reused).
+_TRACED = collections.OrderedDict()
+_TRACED_MAX = 8
+
+
+def _traced_map_fn(model, channels, **options):
+    subnet = model.get_layer("subnet")
+    key = (id(subnet), channels, tuple(sorted(options.items())))
+    entry = _TRACED.get(key)
+    if entry is None or entry[0] is not subnet:
+        function = tf.function(
+            dense_heatmap_fn(model, **options),
+            input_signature=[tf.TensorSpec([None, None, channels], tf.float32)],
+        )
+        entry = _TRACED[key] = (subnet, function)
+        while len(_TRACED) > _TRACED_MAX:
+            _TRACED.popitem(last=False)
+    _TRACED.move_to_end(key)
+    return entry[1]
+
+
+def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels):
     patch_size, _ = patch_geometry(model)
     check_centred_patch_size(patch_size)
     if stride < 1:
         raise PatchNetError(f"stride must be >= 1, got {stride}")
-    subnet = model.get_layer("subnet")
-    images = _as_image_batch(images, subnet.input_shape[-1])
-    if feature_layer is None:
-        patch_model = subnet
-    else:
-        patch_model = keras.Model(subnet.input, subnet.get_layer(feature_layer).output)
-    patch_fn = tf.function(
-        lambda image: dense_patch_map(
-            lambda patches: tf.reshape(patch_model(patches, training=False), [tf.shape(patches)[0], -1]),
-            image,
-            patch_size,
-            stride,
-            chunk_patches,
-        ),
-        input_signature=[tf.TensorSpec([None, None, images.shape[-1]], tf.float32)],
+    images = _as_image_batch(images, model.get_layer("subnet").input_shape[-1])
+    map_fn = _traced_map_fn(
+        model,
+        images.shape[-1],
+        stride=stride,
+        feature_layer=feature_layer,
+        chunk_patches=chunk_patches,
+        band_pixels=band_pixels,
     )
-    return np.stack([patch_fn(image).numpy() for image in images])
+    return np.stack([map_fn(image).numpy() for image in images])
 
 
-def heatmap(model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+def heatmap(
+    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS
+):
     """(B, H, W) float32 in [0, 1]: Q(class 1 | patch centred at each pixel).
 
-    White (1) is class-1 evidence, black (0) class-0 evidence.
+    White (1) is class-1 evidence, black (0) class-0 evidence. padding="valid"
+    models are computed in one fully convolutional pass per band (exact, about
+    100x faster than per patch); padding="same" models per patch, where stride
+    s costs about 1/s^2 of the stride-1 map.
     """
-    return _patch_maps(model, images, None, stride, chunk_patches)[..., 0]
+    return _patch_maps(model, images, None, stride, chunk_patches, band_pixels)
 
 
-def filter_heatmaps(model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+def filter_heatmaps(
+    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS
+):
     """(B, H, W, filters) float32 in [-1, 1]: the subnet's tanh features per centred patch."""
-    return _patch_maps(model, images, "filter_features", stride, chunk_patches)
+    return _patch_maps(model, images, "filter_features", stride, chunk_patches, band_pixels)
 
 
 def heatmap_to_gray(heat):

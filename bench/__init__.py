@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.heatmap`, `python -m bench.train` (add `--quick`)."""

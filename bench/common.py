@@ -201,3 +201,17 @@ def paired(function_a, function_b, *, warmup=1, pairs=3):
         "ratio_b_over_a": statistics.median(b / a for a, b in zip(wall_a, wall_b)),
         "cpu_ratio_b_over_a": statistics.median(b / a for a, b in zip(cpu_a, cpu_b)),
     }
+
+
+class MetricRows(list):
+    """The metric | value | unit | target | met table; `self(...)` adds and echoes a row."""
+
+    def __call__(self, metric, value, unit="", target="", ok=""):
+        self.append({"metric": metric, "value": value, "unit": unit, "target": target, "ok": ok})
+        print(f"  {metric}: {value:.4g} {unit}", flush=True)
+
+    def matmul_reference(self):
+        """Measures and records the large-matmul GFLOP/s every ratio is taken against."""
+        peak = matmul_gflops()
+        self("matmul 2048^2 (reference)", peak, "GFLOP/s")
+        return peak

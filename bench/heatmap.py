@@ -11,9 +11,9 @@ import argparse
 import math
 
 from bench.common import (
-    matmul_gflops,
     paired,
     one_pass_flops,
+    MetricRows,
     print_table,
     subnet_patch_flops,
     timed,
@@ -85,15 +85,8 @@ def main(argv=None):
     image = rng.random((HEIGHT, WIDTH, 3), dtype=np.float32)
     results = {"environment": environment(), "quick": quick, "patch_size": PATCH,
                "image": [HEIGHT, WIDTH], "model": "subnet 7 x 64 3x3 convs, p = 21, random weights"}
-    rows = []
-
-    def row(metric, value, unit="", target="", ok=""):
-        rows.append({"metric": metric, "value": value, "unit": unit, "target": target, "ok": ok})
-        print(f"  {metric}: {value:.4g} {unit}", flush=True)
-
-    peak = matmul_gflops()
-    results["matmul_gflops"] = peak
-    row("matmul 2048^2 (reference)", peak, "GFLOP/s")
+    rows = row = MetricRows()
+    results["matmul_gflops"] = peak = row.matmul_reference()
 
     # --- the paper's padding="same" model: per-patch ---------------------------------------
     keras.utils.set_random_seed(0)

@@ -22,7 +22,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench.common import environment, matmul_gflops, print_table, subnet_patch_flops, write_json  # noqa: E402
 from patchnet_tf.augment import Augmentation, AugmentedModel  # noqa: E402

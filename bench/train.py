@@ -18,9 +18,9 @@ import math
 
 from bench.common import (
     environment,
-    matmul_gflops,
     one_pass_flops,
     paired,
+    MetricRows,
     print_table,
     subnet_patch_flops,
     write_json,
@@ -149,15 +149,8 @@ def main(argv=None):
     labels = tf.constant(np.arange(batch, dtype=np.float32)[:, None] % 2)
     results = {"environment": environment(), "quick": quick, "image": [height, width],
                "batch": batch, "patch_size": PATCH}
-    rows = []
-
-    def row(metric, value, unit="", target="", ok=""):
-        rows.append({"metric": metric, "value": value, "unit": unit, "target": target, "ok": ok})
-        print(f"  {metric}: {value:.4g} {unit}", flush=True)
-
-    peak = matmul_gflops()
-    results["matmul_gflops"] = peak
-    row("matmul 2048^2 (reference)", peak, "GFLOP/s")
+    rows = row = MetricRows()
+    results["matmul_gflops"] = peak = row.matmul_reference()
 
     # --- the paper's model: padding="same", stride = p -------------------------------------
     keras.utils.set_random_seed(0)

@@ -17,9 +17,9 @@ def atomic_path(path):
     os.chmod(temporary, 0o644)  # readable by a server running as another user
     try:
         yield temporary
-        _fsync(temporary)
+        fsync(temporary)
         os.replace(temporary, path)
-        _fsync(directory)
+        fsync(directory)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -31,7 +31,7 @@ def atomic_write_text(path, text):
             file.write(text)
 
 
-def _fsync(path):
+def fsync(path):
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

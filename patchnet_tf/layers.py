@@ -21,6 +21,16 @@ def _pair(value, name):
     return value
 
 
+def central_crop(images, region):
+    """The central (height, width) window of (B, H, W, C) images; all of them if region is None."""
+    if region is None:
+        return images
+    height, width = region
+    top = (ops.shape(images)[1] - height) // 2
+    left = (ops.shape(images)[2] - width) // 2
+    return images[:, top : top + height, left : left + width, :]
+
+
 @keras.saving.register_keras_serializable(package="patchnet_tf")
 class ExtractPatches(keras.layers.Layer):
     """(B, H, W, C) images -> (B, L, p, p, C) patches via `tf.image.extract_patches`.
@@ -41,11 +51,7 @@ class ExtractPatches(keras.layers.Layer):
         self.region = _pair(region, "region")
 
     def call(self, images):
-        if self.region is not None:
-            height, width = self.region
-            top = (ops.shape(images)[1] - height) // 2
-            left = (ops.shape(images)[2] - width) // 2
-            images = images[:, top : top + height, left : left + width, :]
+        images = central_crop(images, self.region)
         channels = images.shape[-1]
         patches = tf.image.extract_patches(
             images,
@@ -178,11 +184,7 @@ class ConvolutionalPatchwiseSubnet(PatchwiseSubnet):
         self.built = True
 
     def call(self, images, training=None):
-        if self.region is not None:
-            height, width = self.region
-            top = (ops.shape(images)[1] - height) // 2
-            left = (ops.shape(images)[2] - width) // 2
-            images = images[:, top : top + height, left : left + width, :]
+        images = central_crop(images, self.region)
         # tf.image.extract_patches' SAME rule: ceil(n / s) patches, the padding
         # split with the smaller half first.
         height, width = tf.shape(images)[1], tf.shape(images)[2]

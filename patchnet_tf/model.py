@@ -3,7 +3,12 @@
 import keras
 
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.layers import ExtractPatches, MeanPatchProbability, PatchwiseSubnet
+from patchnet_tf.layers import (
+    ConvolutionalPatchwiseSubnet,
+    ExtractPatches,
+    MeanPatchProbability,
+    PatchwiseSubnet,
+)
 
 
 def build_subnet(
@@ -70,8 +75,15 @@ def build_patchnet(
         patch_size, channels=channels, filters=filters, conv_layers=conv_layers, padding=padding
     )
     images = keras.Input((None, None, channels), name="image")
-    patches = ExtractPatches(patch_size, stride, region=region, name="patches")(images)
-    patch_probabilities = PatchwiseSubnet(subnet, name="patchwise")(patches)
+    if padding == "valid" and (stride or patch_size) < patch_size:
+        # Overlapping patches of a valid subnet: the same outputs and gradients,
+        # each conv computed once per pixel instead of once per patch.
+        patch_probabilities = ConvolutionalPatchwiseSubnet(
+            subnet, patch_size, stride, region=region, name="patchwise"
+        )(images)
+    else:
+        patches = ExtractPatches(patch_size, stride, region=region, name="patches")(images)
+        patch_probabilities = PatchwiseSubnet(subnet, name="patchwise")(patches)
     probability = MeanPatchProbability(name="probability")(patch_probabilities)
     return PatchNet(images, probability, name="patchnet")
 

@@ -56,7 +56,6 @@ def write_figure(path, images, masks, heatmaps):
 def run(args):
     from pipelines.evaluate import evaluate_model, format_results, load_run, mask_pairs, masked_heatmaps
     from pipelines.data import load_folder_dataset
-    from pipelines.export import export_saved_model
     from pipelines.push import push
     from pipelines.textures import write_texture_dataset
     from pipelines.train import MODEL_NAME as MODEL_FILE, train

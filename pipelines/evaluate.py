@@ -20,7 +20,7 @@ from patchnet_tf.cli import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask
-from patchnet_tf.preprocessing import Preprocessing
+from patchnet_tf.runs import load_trained_model
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 
 MODEL_NAME = "model.keras"
@@ -44,14 +44,8 @@ def add_arguments(parser):
 
 def load_run(model_path):
     """(model, preprocessing, train config or {}) from a run folder or a model file."""
+    model, preprocessing = load_trained_model(model_path)
     path = os.path.join(model_path, MODEL_NAME) if os.path.isdir(model_path) else model_path
-    if not os.path.isfile(path):
-        raise PatchNetError(f"{path}: no such model file (train one with `patchnet train`)")
-    preprocessing = Preprocessing.for_model(path)
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file
-        raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
     config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
     config = {}
     if os.path.isfile(config_path):

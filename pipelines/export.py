@@ -28,7 +28,8 @@ import tensorflow as tf
 from patchnet_tf.cli import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
-from patchnet_tf.preprocessing import Preprocessing, decode_image
+from patchnet_tf.preprocessing import decode_image
+from patchnet_tf.runs import load_trained_model
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURES = ("classify", "serving_default", "heatmap", "classify_images", "heatmap_images")
@@ -38,19 +39,6 @@ IMAGES = "images"
 # Leading bytes of the formats tf.io.decode_image reads; checked in the graph
 # so that even the stock server answers "not an image" naming the input.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
-
-
-def load_model(model_path):
-    """A trained model file (or run folder holding model.keras) and its preprocessing."""
-    path = os.path.join(model_path, "model.keras") if os.path.isdir(model_path) else model_path
-    if not os.path.isfile(path):
-        raise PatchNetError(f"{path}: no such model file (expected a run folder or a .keras file)")
-    preprocessing = Preprocessing.for_model(path)
-    try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # Keras raises many types for a bad file
-        raise PatchNetError(f"{path}: not a loadable Keras model ({error})") from None
-    return model, preprocessing
 
 
 def as_float32(model):
@@ -224,7 +212,7 @@ def write_saved_model(model, preprocessing, export_dir, *, heatmap_stride=1,
 
 def export_saved_model(model_path, export_dir, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
     """Run folder (or model.keras beside preprocessing.json) -> SavedModel at `export_dir`."""
-    model, preprocessing = load_model(model_path)
+    model, preprocessing = load_trained_model(model_path)
     if not _has_subnet(model):
         raise PatchNetError(f"{model_path}: not a PatchNet model (no 'subnet'); only PatchNet exports")
     return write_saved_model(

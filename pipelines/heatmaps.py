@@ -15,13 +15,13 @@ from patchnet_tf.cli import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray
-from patchnet_tf.preprocessing import Preprocessing
+from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 
 
 def add_arguments(parser):
     parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--model", required=True, help="a model.keras written by `patchnet train`")
+    parser.add_argument("--model", required=True, help="a run folder of `patchnet train` or its model.keras")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
     parser.add_argument("--stride", type=positive_int, default=1,
                         help="evaluate every s-th pixel and fill s x s blocks (cost ~1/s^2)")
@@ -48,15 +48,6 @@ def list_images(inputs):
     return paths
 
 
-def load_model(path):
-    if not os.path.isfile(path):
-        raise PatchNetError(f"{path}: no such model file")
-    try:
-        return keras.models.load_model(path)
-    except (ValueError, OSError) as error:
-        raise PatchNetError(f"{path}: not a loadable Keras model ({error})") from None
-
-
 def filter_grid(maps):
     """(H, W, F) tanh maps in [-1, 1] -> one uint8 mosaic, 8 maps a row."""
     height, width, count = maps.shape
@@ -70,8 +61,7 @@ def filter_grid(maps):
 
 
 def run(args):
-    model = load_model(args.model)
-    preprocessing = Preprocessing.for_model(args.model)
+    model, preprocessing = load_trained_model(args.model)
     paths = list_images(args.images)
     os.makedirs(args.out, exist_ok=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image")

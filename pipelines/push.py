@@ -31,7 +31,7 @@ from google.protobuf import text_format
 from sklearn.metrics import roc_auc_score
 from tensorflow_serving.config import model_server_config_pb2
 
-from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.atomic import atomic_write_text, fsync
 from patchnet_tf.cli import positive_int
 from patchnet_tf.errors import PatchNetError
 from pipelines.data import load_folder_dataset
@@ -118,12 +118,12 @@ def copy_version(staging, base_dir, version):
                 shutil.copy2(source, os.path.join(temporary, name))
         for root, _, files in os.walk(temporary):
             for name in files:
-                _fsync(os.path.join(root, name))
+                fsync(os.path.join(root, name))
         shutil.copy2(os.path.join(staging, "saved_model.pb"), os.path.join(temporary, "saved_model.pb"))
-        _fsync(os.path.join(temporary, "saved_model.pb"))
+        fsync(os.path.join(temporary, "saved_model.pb"))
         os.chmod(temporary, 0o755)  # mkdtemp's 0700 would hide it from a server running as another user
         os.rename(temporary, target)
-        _fsync(base_dir)
+        fsync(base_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -145,14 +145,6 @@ def write_models_config(base_dir, model_name, config_base_path=None):
     entry.model_platform = "tensorflow"
     atomic_write_text(path, text_format.MessageToString(config))
     return path
-
-
-def _fsync(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _next_version(base_dir):

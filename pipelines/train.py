@@ -97,6 +97,8 @@ def add_training_arguments(parser):
 
 def add_model_arguments(parser):
     parser.add_argument("--arch", choices=("patchnet", "cam", "vgg11"), default="patchnet")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="cam / vgg11: filters of the first block (paper: 64; default: 16, CPU-sized)")
     parser.add_argument("--patch-size", type=positive_int, default=21)
     parser.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
     parser.add_argument("--padding", choices=("same", "valid"), default="same")
@@ -119,7 +121,7 @@ def build_model(config, channels):
         )
     from patchnet_tf import baselines
 
-    return baselines.build(config["arch"], (*config["image_size"], channels))
+    return baselines.build(config["arch"], (*config["image_size"], channels), width=config["width"])
 
 
 def compile_model(model, learning_rate, optimizer=None):

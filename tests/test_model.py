@@ -8,6 +8,7 @@ from patchnet_tf import (
     ExtractPatches,
     MeanPatchProbability,
     PatchNetError,
+    PatchwiseSubnet,
     build_patchnet,
     build_subnet,
 )
@@ -105,3 +106,13 @@ def test_keras_round_trip_without_custom_objects(tmp_path):
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
     assert loaded.get_layer("patches").get_config()["region"] == (20, 18)
     assert loaded.get_layer("subnet").name == "subnet"
+
+
+def test_overlapping_valid_model_trains_fully_convolutionally_with_the_same_outputs():
+    fast = build_patchnet(11, stride=3, filters=4, conv_layers=2, padding="valid")
+    assert type(fast.get_layer("patchwise")).__name__ == "ConvolutionalPatchwiseSubnet"
+    per_patch = keras.Sequential([ExtractPatches(11, 3), PatchwiseSubnet(fast.get_layer("subnet"))])
+    images = np.random.default_rng(4).random((2, 23, 30, 3), np.float32)
+    np.testing.assert_allclose(
+        fast.predict(images, verbose=0), per_patch.predict(images, verbose=0).mean(axis=1), atol=1e-6
+    )

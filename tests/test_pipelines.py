@@ -14,7 +14,6 @@ from pipelines.data import (
     load_dataset,
     load_folder_dataset,
     mask_path_for,
-    split_fraction,
 )
 
 PREPROCESSING = Preprocessing(image_size=(8, 8))

@@ -3,9 +3,7 @@
 import os
 import shutil
 
-import grpc
 import keras
-import numpy as np
 import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2

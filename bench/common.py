@@ -210,6 +210,13 @@ class MetricRows(list):
         self.append({"metric": metric, "value": value, "unit": unit, "target": target, "ok": ok})
         print(f"  {metric}: {value:.4g} {unit}", flush=True)
 
+    def report(self, title, name, results):
+        """Prints the table and writes bench/results/<name>.json with the rows in `results`."""
+        results["rows"] = list(self)
+        columns = [("metric", "metric"), ("value", "measured"), ("unit", "unit"), ("target", "target"), ("ok", "met")]
+        print_table(title, self, columns)
+        write_json(name, results)
+
     def matmul_reference(self):
         """Measures and records the large-matmul GFLOP/s every ratio is taken against."""
         peak = matmul_gflops()

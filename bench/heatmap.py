@@ -14,13 +14,11 @@ from bench.common import (
     paired,
     one_pass_flops,
     MetricRows,
-    print_table,
     subnet_patch_flops,
     timed,
     vgg11,
     vgg11_forward_flops,
     environment,
-    write_json,
 )
 
 import keras  # noqa: E402
@@ -85,7 +83,7 @@ def main(argv=None):
     image = rng.random((HEIGHT, WIDTH, 3), dtype=np.float32)
     results = {"environment": environment(), "quick": quick, "patch_size": PATCH,
                "image": [HEIGHT, WIDTH], "model": "subnet 7 x 64 3x3 convs, p = 21, random weights"}
-    rows = row = MetricRows()
+    row = MetricRows()
     results["matmul_gflops"] = peak = row.matmul_reference()
 
     # --- the paper's padding="same" model: per-patch ---------------------------------------
@@ -204,14 +202,12 @@ def main(argv=None):
     row("valid one-pass map / Grad-CAM, CPU time (paired)", ratio, "x", "<= 1", ratio <= 1.0)
     row("same stride-1 map time / Grad-CAM time", full_same_s / grad_cam_s, "x")
 
-    results["rows"] = rows
-    print_table(
+    row.report(
         f"bench.heatmap ({'quick' if quick else 'default'}; p = {PATCH}, 7 x 64 convs; "
         f"{HEIGHT}x{WIDTH} unless stated)",
-        rows,
-        [("metric", "metric"), ("value", "measured"), ("unit", "unit"), ("target", "target"), ("ok", "met")],
+        "heatmap_quick" if quick else "heatmap",
+        results,
     )
-    write_json("heatmap_quick" if quick else "heatmap", results)
 
 
 if __name__ == "__main__":

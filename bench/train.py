@@ -149,7 +149,7 @@ def main(argv=None):
     labels = tf.constant(np.arange(batch, dtype=np.float32)[:, None] % 2)
     results = {"environment": environment(), "quick": quick, "image": [height, width],
                "batch": batch, "patch_size": PATCH}
-    rows = row = MetricRows()
+    row = MetricRows()
     results["matmul_gflops"] = peak = row.matmul_reference()
 
     # --- the paper's model: padding="same", stride = p -------------------------------------
@@ -214,14 +214,12 @@ def main(argv=None):
         rows_fc = one_pass_flops(height, width, PATCH, stride=stride) * len(step_images)
         row(f"{label}: forward FLOPs, fully conv / per-patch", rows_fc / per_patch_flops, "x")
 
-    results["rows"] = rows
-    print_table(
+    row.report(
         f"bench.train ({'quick' if quick else 'default'}; p = {PATCH}, 7 x 64 convs; "
         f"{height}x{width}, Adam, train_on_batch)",
-        rows,
-        [("metric", "metric"), ("value", "measured"), ("unit", "unit"), ("target", "target"), ("ok", "met")],
+        "train_quick" if quick else "train",
+        results,
     )
-    write_json("train_quick" if quick else "train", results)
 
 
 if __name__ == "__main__":

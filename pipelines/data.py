@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import cv2
 import numpy as np
 import tensorflow as tf
 
@@ -182,14 +183,46 @@ def mask_path_for(image_path, mask_dir):
     return None
 
 
+def decode_file(path, channels=3):
+    """An image file (a path tensor) -> float32 (H, W, channels) in [0, 1].
+
+    JPEG, PNG, BMP and GIF decode with TensorFlow's ops, as in the exported
+    graph. TensorFlow has no TIFF decoder, and the folder format admits .tif
+    (microscopy ships it), so training reads TIFF through OpenCV.
+    """
+    is_tiff = tf.strings.regex_full_match(tf.strings.lower(path), r".*\.tiff?")
+    return tf.cond(
+        is_tiff,
+        lambda: _decode_tiff(path, channels),
+        lambda: decode_image(tf.io.read_file(path), channels),
+    )
+
+
+def _decode_tiff(path, channels):
+    def read(path_bytes):
+        path = np.asarray(path_bytes).item().decode()  # a 0-d array eagerly, bytes in tf.data
+        flags = cv2.IMREAD_ANYDEPTH | (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE)
+        image = cv2.imread(path, flags)
+        if image is None:
+            raise ValueError(f"{path}: not a decodable TIFF image")
+        scale = np.iinfo(image.dtype).max if np.issubdtype(image.dtype, np.integer) else 1.0
+        image = image.astype(np.float32) / scale
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channels == 3 else image[..., None]
+        return np.clip(image, 0.0, 1.0)
+
+    image = tf.numpy_function(read, [path], tf.float32, stateful=False)
+    image.set_shape([None, None, channels])
+    return image
+
+
 def read_image(path, channels=3):
     """One image file -> float32 (H, W, C) in [0, 1]; a clear error names a bad file."""
+    if not os.path.isfile(path):
+        raise PatchNetError(f"{path}: no such file")
     try:
-        return decode_image(tf.io.read_file(path), channels).numpy()
-    except tf.errors.NotFoundError:
-        raise PatchNetError(f"{path}: no such file") from None
-    except tf.errors.InvalidArgumentError:
-        raise PatchNetError(f"{path}: not a decodable image (JPEG, PNG, BMP or GIF)") from None
+        return decode_file(tf.constant(path), channels).numpy()
+    except (tf.errors.OpError, ValueError):  # eagerly, the TIFF reader's ValueError comes through as is
+        raise PatchNetError(f"{path}: not a decodable image (JPEG, PNG, BMP, GIF or TIFF)") from None
 
 
 def decode_mask(mask_bytes, image_size):
@@ -211,7 +244,7 @@ def _mask_paths(split, mask_dir):
 
 def _loader(preprocessing, with_masks):
     def load(path, label, mask_path=None):
-        image = preprocessing(decode_image(tf.io.read_file(path), preprocessing.channels))
+        image = preprocessing(decode_file(path, preprocessing.channels))
         label = tf.cast(label, tf.float32)[None]
         if not with_masks:
             return image, label
@@ -239,10 +272,10 @@ def _decode_pass(split, preprocessing, mask_paths, keep):
             return (index,) + tuple(load(*columns))
         # Only decode; return the decoded shapes, which are not known before
         # decoding (a resized image's would be, and the decode be pruned).
-        files = (columns[0],) + tuple(columns[2:])
-        return (index,) + tuple(
-            tf.shape(tf.io.decode_image(tf.io.read_file(path), expand_animations=False)) for path in files
-        )
+        shapes = [tf.shape(decode_file(columns[0], preprocessing.channels))]
+        shapes += [tf.shape(tf.io.decode_image(tf.io.read_file(path), expand_animations=False))
+                   for path in columns[2:]]
+        return (index, *shapes)
 
     indices = tf.data.Dataset.range(len(split))
     dataset = tf.data.Dataset.zip((indices, _slices(split, mask_paths))).map(
@@ -320,7 +353,7 @@ def image_dataset(
             what = f" (or its mask {mask_paths[bad_indices[0]]})" if mask_paths else ""
             others = f"; {len(bad) - 1} more bad file(s)" if len(bad) > 1 else ""
             raise PatchNetError(
-                f"{bad[0]}{what}: missing or not a decodable image (JPEG, PNG, BMP or GIF){others}; "
+                f"{bad[0]}{what}: missing or not a decodable image (JPEG, PNG, BMP, GIF or TIFF){others}; "
                 "--skip-bad leaves such files out"
             )
         on_skip(name, bad)

@@ -14,6 +14,7 @@ from pipelines.data import (
     load_dataset,
     load_folder_dataset,
     mask_path_for,
+    read_image,
 )
 
 PREPROCESSING = Preprocessing(image_size=(8, 8))
@@ -83,6 +84,29 @@ def test_cached_and_streamed_pipelines_agree(tmp_path):
     cached = [b[0].numpy() for b in image_dataset(split, PREPROCESSING, 2, shuffle=True, seed=1, cache="memory")]
     streamed = [b[0].numpy() for b in image_dataset(split, PREPROCESSING, 2, shuffle=True, seed=1, cache="off")]
     np.testing.assert_allclose(np.concatenate(cached), np.concatenate(streamed))
+
+
+def test_tiff_images_decode_like_png(tmp_path):
+    """The folder format admits .tif; TensorFlow cannot decode it, OpenCV does (8 and 16 bit)."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    cv2.imwrite(str(tmp_path / "x.tif"), image)
+    cv2.imwrite(str(tmp_path / "x16.tiff"), image.astype(np.uint16) * 257)
+    png = read_image(str(tmp_path / "x.png"))
+    np.testing.assert_allclose(read_image(str(tmp_path / "x.tif")), png, atol=1e-6)
+    np.testing.assert_allclose(read_image(str(tmp_path / "x16.tiff")), png, atol=1e-6)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00 truncated")
+    with pytest.raises(PatchNetError, match="bad.tif: not a decodable image"):
+        read_image(str(tmp_path / "bad.tif"))
+    split = Split([str(tmp_path / "x.png"), str(tmp_path / "x.tif"), str(tmp_path / "bad.tif")],
+                  np.array([0, 1, 1]))
+    for cache in ("memory", "off"):
+        with pytest.raises(PatchNetError, match="bad.tif"):
+            image_dataset(split, PREPROCESSING, 2, cache=cache)
+        images = np.concatenate([batch[0].numpy() for batch in image_dataset(
+            Split(split.paths[:2], split.labels[:2]), PREPROCESSING, 2, cache=cache)])
+        np.testing.assert_allclose(images[0], images[1], atol=1e-6)
 
 
 def test_undecodable_file_is_named_or_skipped_and_listed(tmp_path):

@@ -139,11 +139,8 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
 
         model = inference_model(self.model)
         maps = heatmap(model, self.images, stride=self.stride)
-        height, width = self.images.shape[1:3]
         pictures = []
         for image, heat in zip(self.images, maps):
-            if heat.shape != (height, width):
-                heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_NEAREST)
             rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
             gray = np.repeat(heatmap_to_gray(heat)[..., None], 3, axis=-1) / 255.0
             overlay = cv2.cvtColor(heatmap_overlay(rgb, heat), cv2.COLOR_BGR2RGB) / 255.0

@@ -9,11 +9,7 @@ call `classify` and `heatmap` over gRPC -> stop the server.
 import os
 import time
 
-import cv2
-import numpy as np
-
 from patchnet_tf.cli import image_size, positive_int
-from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent
 
 MODEL_NAME = "patchnet"
@@ -40,20 +36,8 @@ class Stages:
         print(f"\n[{self.index}/{self.total}] {title}  (t = {time.monotonic() - self.started:.0f} s)", flush=True)
 
 
-def write_figure(path, images, masks, heatmaps):
-    """Rows of image | mask | heatmap | overlay, the README's picture."""
-    rows = []
-    for image, mask, heat in zip(images, masks, heatmaps):
-        bgr = cv2.cvtColor(np.round(image * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
-        gray = lambda m: cv2.cvtColor(heatmap_to_gray(m), cv2.COLOR_GRAY2BGR)
-        tiles = [bgr, gray(mask.astype(np.float32)), gray(heat), heatmap_overlay(image, heat)]
-        rows.append(np.concatenate([np.pad(t, [(2, 2), (2, 2), (0, 0)], constant_values=255) for t in tiles], 1))
-    figure = np.concatenate(rows, 0)
-    scale = max(1, 256 // images.shape[1])
-    cv2.imwrite(path, cv2.resize(figure, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
-
-
 def run(args):
+    from pipelines.compare import figure_grid, write_png
     from pipelines.evaluate import evaluate_model, format_results, load_run, mask_pairs, masked_heatmaps
     from pipelines.data import load_folder_dataset
     from pipelines.push import push
@@ -87,11 +71,11 @@ def run(args):
     results["split"] = "test"
     print("  " + format_results(results).replace("\n", "\n  "))
 
-    stage("heatmaps: image | mask | heatmap (white = inlay evidence) | overlay")
+    stage("heatmaps: image | inlay mask | PatchNet heatmap (white = inlay evidence)")
     inlays = [path for path, label in zip(test.paths, test.labels) if label == 1][:4]
     images, heatmaps, masks = masked_heatmaps(model, preprocessing, mask_pairs(inlays, os.path.join(data, "masks")))
     figure = os.path.join(out, "heatmaps.png")
-    write_figure(figure, images, masks, heatmaps)
+    write_png(figure, figure_grid(images, masks, [heatmaps], [f"PatchNet-{args.patch_size}"]))
     print(f"  {figure}")
 
     stage("export a SavedModel (classify, heatmap, classify_images, heatmap_images) and push it")

@@ -237,10 +237,7 @@ def _traced_map_fn(model, channels, **options):
 
 
 def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels):
-    patch_size, _ = patch_geometry(model)
-    check_centred_patch_size(patch_size)
-    if stride < 1:
-        raise PatchNetError(f"stride must be >= 1, got {stride}")
+    # dense_heatmap_fn checks the patch size and stride when the function is first traced.
     images = _as_image_batch(images, model.get_layer("subnet").input_shape[-1])
     map_fn = _traced_map_fn(
         model,

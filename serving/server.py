@@ -39,7 +39,8 @@ from tensorflow_serving.apis import (
 
 from patchnet_tf.cli import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
-from serving.loader import DEFAULT_SIGNATURE, LoadedModel, SignatureError, first_line
+from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
+from serving.warmup import replay_warmup
 
 LOG = logging.getLogger("patchnet.serve")
 DEFAULT_PORT = 8500
@@ -59,6 +60,18 @@ def list_versions(base_dir):
         if os.path.isfile(os.path.join(base_dir, name, "saved_model.pb")):
             versions.append(int(name))
     return sorted(versions)
+
+
+def _load_and_warm_up(path):
+    """As TF Serving: a version takes traffic only after its warmup requests (if any) ran."""
+    loaded = LoadedModel(path)
+    if os.path.isfile(os.path.join(path, WARMUP_PATH)):
+        try:
+            replay_warmup(loaded, path)
+        except Exception:
+            loaded.close()
+            raise
+    return loaded
 
 
 class ModelManager:
@@ -87,7 +100,7 @@ class ModelManager:
         for version in sorted(wanted - set(self._loaded) - set(self._failed)):
             path = os.path.join(self.base_dir, str(version))
             try:
-                loaded = LoadedModel(path)
+                loaded = _load_and_warm_up(path)
             except Exception as error:  # a broken version must not stop the server
                 self._failed[version] = first_line(error)
                 LOG.error("model %s version %d failed to load: %s", self.model_name, version,

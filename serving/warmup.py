@@ -121,6 +121,27 @@ def check_outputs(signature_name, inputs, outputs):
         fail(f"unexpected outputs {sorted(outputs)}")
 
 
+def replay_warmup(loaded, export_dir, check=None):
+    """Runs the export's warmup requests through `loaded`, as TF Serving does before a
+    version takes traffic; `check(signature, inputs, outputs)` may vet each answer.
+
+    Returns (requests, signature names covered); raises PatchNetError on the first failure.
+    """
+    requests = read_warmup_requests(export_dir)
+    covered = set()
+    for request in requests:
+        name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        try:
+            outputs = loaded.run(name, inputs)
+        except Exception as error:
+            raise PatchNetError(f"signature {name}: warmup request failed: {first_line(error)}") from None
+        if check is not None:
+            check(name, inputs, outputs)
+        covered.add(name)
+    return requests, covered
+
+
 def validate_export(export_dir):
     """Loads `export_dir` as TF Serving does, replays its warmup requests, checks the answers.
 
@@ -133,19 +154,10 @@ def validate_export(export_dir):
     except Exception as error:
         raise PatchNetError(f"{export_dir}: the session loader failed: {first_line(error)}") from None
     try:
-        requests = read_warmup_requests(export_dir)
-        covered = {request.model_spec.signature_name or DEFAULT_SIGNATURE for request in requests}
+        requests, covered = replay_warmup(loaded, export_dir, check=check_outputs)
         missing = sorted(set(loaded.signatures) - covered)
         if missing:
             raise PatchNetError(f"warmup records cover no request for signature(s) {', '.join(missing)}")
-        for request in requests:
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
-            try:
-                outputs = loaded.run(name, inputs)
-            except Exception as error:
-                raise PatchNetError(f"signature {name}: warmup request failed: {first_line(error)}") from None
-            check_outputs(name, inputs, outputs)
     finally:
         loaded.close()
     return f"{export_dir}: loaded; {len(requests)} warmup requests answered over {len(covered)} signatures"

@@ -23,9 +23,10 @@ from tensorflow_serving.apis import (
 from patchnet_tf import build_patchnet, heatmap
 from patchnet_tf.cli import main as cli_main
 from patchnet_tf.preprocessing import Preprocessing, decode_image
-from pipelines.export import write_saved_model
+from pipelines.export import SIGNATURES, write_saved_model
 from pipelines.push import copy_version
-from serving import client
+from serving import client, warmup
+from serving.loader import LoadedModel
 from serving.server import start_server
 
 MODEL = "patchnet"
@@ -235,6 +236,36 @@ def test_new_version_picked_up_and_half_written_ignored(exports, tmp_path):
         np.testing.assert_allclose([p.probability for p in latest], expected(models[1], data)[0], atol=TOLERANCE)
         pinned = client.predict(server.address, MODEL, data, version=1)
         np.testing.assert_allclose([p.probability for p in pinned], expected(models[0], data)[0], atol=TOLERANCE)
+    finally:
+        server.stop()
+
+
+def test_a_version_is_served_only_after_its_warmup_requests_ran(exports, tmp_path, monkeypatch):
+    """As TF Serving: warmup records are replayed at load; a version whose warmup fails is not served."""
+    models, dirs = exports
+    base = tmp_path / MODEL
+    for version, source in ((1, dirs[0]), (2, dirs[1])):
+        staged = tmp_path / f"staged-{version}"
+        shutil.copytree(source, staged)
+        warmup.write_warmup_requests(str(staged), MODEL)
+        copy_version(str(staged), str(base), version)
+    replayed = []
+    real_run = LoadedModel.run
+
+    def recording_run(self, name, inputs, output_filter=()):
+        replayed.append((os.path.basename(self.export_dir), name))
+        return real_run(self, name, inputs, output_filter)
+
+    monkeypatch.setattr(LoadedModel, "run", recording_run)
+    warmup_file = base / "2" / "assets.extra" / "tf_serving_warmup_requests"
+    warmup_file.write_bytes(b"not a TFRecord")  # version 2's warmup cannot run
+    server = start_server(str(base), MODEL, port=0, poll_seconds=0.1, num_versions=2)
+    try:
+        assert server.versions() == [1]
+        assert {name for folder, name in replayed if folder == "1"} == set(SIGNATURES)
+        data = images(1)
+        served = client.predict(server.address, MODEL, data)
+        np.testing.assert_allclose([p.probability for p in served], expected(models[0], data)[0], atol=TOLERANCE)
     finally:
         server.stop()
 

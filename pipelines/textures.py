@@ -1,14 +1,21 @@
 """The bundled real-image dataset: texture photographs shipped inside scikit-image.
 
-class 0 ("plain"): a crop of a background texture (grass or gravel);
+class 0 ("plain"): a crop of a background texture;
 class 1 ("inlay"): the same kind of crop with one to three inlays of another
-texture (brick) at random places, sizes and shapes (ellipses, rectangles,
+texture at random places, sizes and shapes (ellipses, rectangles,
 polygons). The exact inlay masks are written beside the images, so heatmaps
 can be scored against ground truth (paper Tables 2 and 7). Like the paper's
 DTD experiment, the class-1 feature is local and may appear several times.
 
+Variants (`variant=`), so that a result on one is checked on another:
+  "brick" (default)  grass or gravel background (by turns), brick inlays
+  "grass"            brick or gravel background (by turns), grass inlays
+The photographs are grey, and so are the images: only texture tells the
+classes apart, as in real data. `tint=True` colours each material (the old
+demo data, where colour alone gives the answer), kept for comparison only.
+
 Layout (other code relies on it):
-  root/{train,val,test}/{plain,inlay}/<stem>.png   3-channel 8-bit images
+  root/{train,val,test}/{plain,inlay}/<stem>.png   8-bit images: grey, or RGB when tinted
   root/masks/<stem>.png                            uint8 0 / 255, all black for plain
   root/dataset.json                                {"class_names": ["plain", "inlay"]}
 Stems are unique over the dataset (e.g. inlay-train-0003). In sorted order
@@ -30,13 +37,11 @@ import numpy as np
 from patchnet_tf.atomic import atomic_path, atomic_write_text
 from pipelines.data import DATASET_FILE
 
-BACKGROUNDS = ("grass", "gravel")
-INLAY = "brick"
+# variant -> (background textures, inlay texture)
+VARIANTS = {"brick": (("grass", "gravel"), "brick"), "grass": (("brick", "gravel"), "grass")}
 CLASS_NAMES = ("plain", "inlay")  # class 0, class 1
 SPLIT_NAMES = ("train", "val", "test")
-# scikit-image ships these photographs in grey; each gets the colour of its
-# material (red brick, green grass, grey gravel). Texture and colour together
-# make the inlay a local feature a small subnet learns in a few epochs on a CPU.
+# tint=True only: each material's colour, so colour alone separates the classes.
 TINTS = {
     "grass": np.array([0.75, 1.0, 0.6], np.float32),
     "gravel": np.array([0.95, 0.92, 0.88], np.float32),
@@ -94,22 +99,37 @@ def _shape_mask(rng, image_size):
     return mask
 
 
-def texture_example(seed, split, inlay, index, image_size=(64, 64)):
-    """One RGB image (H, W, 3) uint8 and its mask (H, W) uint8 0 / 255, from its own seed."""
-    rng = np.random.default_rng([seed, SPLIT_NAMES.index(split), int(inlay), index])
+def texture_example(seed, split, inlay, index, image_size=(64, 64), *, variant="brick", tint=False):
+    """One image (H, W, 1) uint8, (H, W, 3) RGB when tinted, and its mask (H, W) uint8 0 / 255.
+
+    Drawn from its own seed, so image i of a split and class never depends on
+    how many images are asked for.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    backgrounds, inlay_name = VARIANTS[variant]
+    rng = np.random.default_rng([seed, list(VARIANTS).index(variant), SPLIT_NAMES.index(split), int(inlay), index])
     scale = rng.uniform(1.5, 2.5)  # texture pixels per image pixel: more structure per patch
-    name = BACKGROUNDS[rng.integers(0, len(BACKGROUNDS))]
-    background = _crop(rng, _textures()[name], image_size, scale)[..., None] * TINTS[name]
+    # Backgrounds by turns, not by chance: with 40 images a random draw can give
+    # one class more gravel than the other, and a model learns that instead of
+    # the inlay (seen: grass variant, 28 vs 19 brick backgrounds in training).
+    background = _material(rng, backgrounds[index % len(backgrounds)], image_size, scale, tint)
     image = background
     mask = np.zeros(image_size, np.uint8)
     if inlay:
         for _ in range(rng.integers(1, 4)):
             mask = np.maximum(mask, _shape_mask(rng, image_size))
-        inlay_texture = _crop(rng, _textures()[INLAY], image_size, scale)[..., None] * TINTS[INLAY]
+        inlay_texture = _material(rng, inlay_name, image_size, scale, tint)
         image = np.where(mask[..., None] > 0, inlay_texture, background)
     image = np.clip(image * rng.uniform(0.85, 1.15), 0.0, 1.0)  # lighting varies, not the class
     image = np.round(image * 255).astype(np.uint8)
     return image, mask
+
+
+def _material(rng, name, image_size, scale, tint):
+    """A crop of texture `name` as (H, W, 1) grey, or (H, W, 3) in its material's colour."""
+    crop = _crop(rng, _textures()[name], image_size, scale)[..., None]
+    return crop * TINTS[name] if tint else crop
 
 
 _TEXTURES = {}
@@ -117,13 +137,13 @@ _TEXTURES = {}
 
 def _textures():
     if not _TEXTURES:
-        for name in (*BACKGROUNDS, INLAY):
+        for name in TINTS:
             _TEXTURES[name] = _texture(name)
     return _TEXTURES
 
 
-def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0):
-    """Writes the dataset under `root` (layout in the module docstring); returns root.
+def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, variant="brick", tint=False):
+    """Writes the dataset under `root` (layout and variants in the module docstring); returns root.
 
     `count`: images per class per split, an int or a dict such as
     {"train": 40, "val": 16, "test": 16} (the default). Files already
@@ -142,9 +162,9 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0):
             folder = os.path.join(root, split, class_name)
             os.makedirs(folder, exist_ok=True)
             for index in range(counts.get(split, 0)):
-                image, mask = texture_example(seed, split, inlay, index, image_size)
+                image, mask = texture_example(seed, split, inlay, index, image_size, variant=variant, tint=tint)
                 stem = f"{class_name}-{split}-{index:04d}"
-                _write_png(os.path.join(folder, stem + ".png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+                _write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])  # RGB -> BGR; grey stays
                 _write_png(os.path.join(root, "masks", stem + ".png"), mask)
     return root
 
@@ -164,8 +184,13 @@ def main(argv=None):
     parser.add_argument("--count", type=positive_int, default=None,
                         help="images per class per split (default: 40 train, 16 val, 16 test)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="brick",
+                        help="brick: brick inlays on grass or gravel; grass: grass inlays on brick or gravel")
+    parser.add_argument("--tint", action="store_true",
+                        help="colour each material (colour alone then separates the classes; not the default)")
     args = parser.parse_args(argv)
-    write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed)
+    write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
+                          variant=args.variant, tint=args.tint)
     print(f"wrote {args.root}")
 
 

@@ -1,4 +1,4 @@
-"""The bundled texture dataset: layout, exact masks, determinism."""
+"""The bundled texture dataset: layout, exact masks, grey by default, variants, determinism."""
 
 import glob
 import hashlib
@@ -7,6 +7,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from pipelines.data import load_folder_dataset
 from pipelines.textures import texture_example, write_texture_dataset
@@ -30,7 +31,7 @@ def test_layout_masks_and_class_order(tmp_path):
                 stems.append(stem)
                 image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
                 mask = cv2.imread(os.path.join(root, "masks", stem + ".png"), cv2.IMREAD_UNCHANGED)
-                assert image.shape == (40, 48, 3) and image.dtype == np.uint8
+                assert image.shape == (40, 48) and image.dtype == np.uint8  # grey: texture alone
                 assert mask.shape == (40, 48) and mask.dtype == np.uint8
                 assert set(np.unique(mask)) <= {0, 255}
                 if name == "plain":
@@ -49,6 +50,7 @@ def test_the_mask_marks_the_inlay_texture():
     ratios = []
     for index in range(6):
         image, mask = texture_example(0, "train", True, index, (64, 64))
+        assert image.shape == (64, 64, 1)
         gradient = np.abs(cv2.Laplacian(image[..., 0].astype(np.float32), cv2.CV_32F))
         inside = cv2.erode(mask, np.ones((5, 5), np.uint8)) > 0
         outside = cv2.erode(255 - mask, np.ones((5, 5), np.uint8)) > 0
@@ -65,5 +67,25 @@ def test_deterministic_from_seed_and_stable_when_growing(tmp_path):
     assert digest(a)[0] != digest(c)[0]
     first, _ = texture_example(7, "val", True, 1, (32, 32))
     grown = write_texture_dataset(str(tmp_path / "d"), image_size=32, count=4, seed=7)
-    again = cv2.imread(os.path.join(grown, "val", "inlay", "inlay-val-0001.png"))
-    np.testing.assert_array_equal(again, first[..., ::-1])
+    again = cv2.imread(os.path.join(grown, "val", "inlay", "inlay-val-0001.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(again, first[..., 0])
+
+
+def test_grey_classes_have_the_same_brightness():
+    """No shortcut: plain and inlay images differ in texture, not in mean grey level."""
+    for variant in ("brick", "grass"):
+        means = [[texture_example(0, "train", inlay, index, (64, 64), variant=variant)[0].mean()
+                  for index in range(24)] for inlay in (False, True)]
+        spread = np.std(means[0]) + np.std(means[1])
+        assert abs(np.mean(means[0]) - np.mean(means[1])) < spread, variant
+
+
+def test_variants_swap_materials_and_tint_is_an_option():
+    brick, brick_mask = texture_example(3, "train", True, 0, (32, 32), variant="brick")
+    grass, _ = texture_example(3, "train", True, 0, (32, 32), variant="grass")
+    assert not np.array_equal(brick, grass)
+    tinted, tinted_mask = texture_example(3, "train", True, 0, (32, 32), variant="brick", tint=True)
+    assert tinted.shape == (32, 32, 3) and np.ptp(tinted.astype(int), axis=-1).max() > 0  # coloured
+    np.testing.assert_array_equal(tinted_mask, brick_mask)  # same draw, only the colour differs
+    with pytest.raises(ValueError, match="variant"):
+        texture_example(3, "train", True, 0, (32, 32), variant="marble")

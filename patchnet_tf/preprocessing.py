@@ -49,24 +49,66 @@ def shades_of_gray(images, norm=6.0, epsilon=1e-6):
     return tf.clip_by_value(images * gain, 0.0, 1.0)
 
 
+def channel_statistics(batches):
+    """Per-channel (mean, standard deviation) over every pixel of an iterable of (B, H, W, C) batches."""
+    count, total, squares = 0, 0.0, 0.0
+    for images in batches:
+        images = tf.cast(images, tf.float64)
+        count += tf.reduce_prod(tf.shape(images)[:-1]).numpy()
+        total += tf.reduce_sum(images, axis=[0, 1, 2]).numpy()
+        squares += tf.reduce_sum(tf.square(images), axis=[0, 1, 2]).numpy()
+    if not count:
+        raise PatchNetError("no images to compute the normalization statistics from")
+    mean = total / count
+    std = (squares / count - mean**2).clip(min=0.0) ** 0.5
+    # A constant channel would divide by zero; leave its scale alone.
+    return tuple(float(value) for value in mean), tuple(float(value) if value > 1e-6 else 1.0 for value in std)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """What turns a decoded image into model input; saved beside every model."""
+    """What turns a decoded image into model input; saved beside every model.
+
+    `prepare` gives the image a person looks at (resized, gamma, colour
+    constancy; [0, 1]); `normalize` then standardizes each channel with the
+    training split's `mean` and `std`, which is what the model sees. Runs
+    saved before normalization existed have no statistics and skip it.
+    """
 
     image_size: tuple = (128, 128)
     channels: int = 3
     gamma: float | None = None
     shades_of_gray_norm: float | None = None
     class_names: tuple = ("0", "1")
+    mean: tuple | None = None
+    std: tuple | None = None
 
     def __call__(self, images):
         """float32 [0, 1] images, (H, W, C) or (B, H, W, C), any size -> model input."""
+        return self.normalize(self.prepare(images))
+
+    def prepare(self, images):
+        """float32 [0, 1] images of any size -> [0, 1] images at `image_size`, before normalization."""
         images = resize(images, self.image_size)
         if self.gamma:
             images = gamma_correct(images, self.gamma)
         if self.shades_of_gray_norm:
             images = shades_of_gray(images, self.shades_of_gray_norm)
         return images
+
+    def normalize(self, images):
+        """[0, 1] images -> model input (a float32 tensor)."""
+        images = tf.convert_to_tensor(images, tf.float32)
+        if self.mean is None:
+            return images
+        return (images - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+
+    def denormalize(self, model_inputs):
+        """Model inputs -> the [0, 1] images they came from (for display; a float32 tensor)."""
+        model_inputs = tf.convert_to_tensor(model_inputs, tf.float32)
+        if self.mean is None:
+            return model_inputs
+        return model_inputs * tf.constant(self.std, tf.float32) + tf.constant(self.mean, tf.float32)
 
     def save(self, directory):
         from patchnet_tf.atomic import atomic_write_text
@@ -91,4 +133,7 @@ class Preprocessing:
             raise PatchNetError(f"{path}: unreadable ({error})") from None
         fields["image_size"] = tuple(fields["image_size"])
         fields["class_names"] = tuple(fields["class_names"])
+        for name in ("mean", "std"):
+            if fields.get(name) is not None:
+                fields[name] = tuple(fields[name])
         return cls(**fields)

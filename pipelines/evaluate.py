@@ -121,8 +121,9 @@ def mask_pairs(image_paths, mask_dir, *, skip_missing=False):
 
 
 def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size=16, progress=None):
-    """For (image path, mask path) pairs: (model inputs, heatmaps, masks), all at the model input size.
+    """For (image path, mask path) pairs: (images, heatmaps, masks), all at the model input size.
 
+    The images are as a person sees them ([0, 1], before normalization).
     Masks are resized with nearest neighbour (SPEC section 7); `progress` is a
     label for a progress bar, or None for none.
     """
@@ -137,10 +138,10 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
         for image_path, mask_path in batch:
             image = read_image(image_path, preprocessing.channels)
             masks.append(read_mask(mask_path, size, image_shape=image.shape))
-            images.append(np.asarray(preprocessing(image), np.float32))
+            images.append(np.asarray(preprocessing.prepare(image), np.float32))
         images = np.stack(images)
         inputs.append(images)
-        heatmaps.append(explain(model, images, stride=heatmap_stride))
+        heatmaps.append(explain(model, preprocessing.normalize(images).numpy(), stride=heatmap_stride))
         if bar is not None:
             bar.add(len(batch))
     if not pairs:

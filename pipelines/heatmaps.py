@@ -66,13 +66,14 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image")
     for path in paths:
-        image = preprocessing(read_image(path, preprocessing.channels)).numpy()
-        heat = explain(model, image[None], stride=args.stride)[0]
+        image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
+        model_input = preprocessing.normalize(image[None]).numpy()
+        heat = explain(model, model_input, stride=args.stride)[0]
         stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
         cv2.imwrite(f"{stem}-heatmap.png", heatmap_to_gray(heat))
         cv2.imwrite(f"{stem}-overlay.png", heatmap_overlay(image, heat))
         if args.filters:
-            maps = filter_heatmaps(model, image[None], stride=args.stride)[0]
+            maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
             cv2.imwrite(f"{stem}-filters.png", filter_grid(maps))
         progress.add(1)
     print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

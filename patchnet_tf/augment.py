@@ -28,20 +28,25 @@ class Augmentation:
     horizontal_flip: bool = False
     vertical_flip: bool = False
     fill_mode: str = "REFLECT"  # what appears in rotated corners: no black wedges to learn
+    # Zero rows and columns added around the batch, split at random between the
+    # two sides (PatchNet: half a patch). Disjoint training patches then hang
+    # over the border by varying amounts, as the centred patches of a heatmap
+    # do, so the subnet learns what padding is instead of guessing at the border.
+    border: int = 0
 
     @property
     def active(self):
-        return bool(self.rotation or self.zoom > 1.0 or self.horizontal_flip or self.vertical_flip)
+        return bool(self.rotation or self.zoom > 1.0 or self.horizontal_flip or self.vertical_flip or self.border)
 
     def __call__(self, images, seed):
-        """(B, H, W, C) float images -> the same shape, randomly transformed per image.
+        """(B, H, W, C) float images -> randomly transformed per image, (B, H + border, W + border, C).
 
         `seed` is a stateless seed, an int32/int64 tensor of shape (2,).
         """
         images = tf.convert_to_tensor(images)
         dtype = images.dtype
         images = tf.cast(images, tf.float32)
-        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
         batch = tf.shape(images)[0]
         if self.horizontal_flip:
             flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[0]) < 0.5
@@ -54,6 +59,9 @@ class Augmentation:
             angles = tf.random.stateless_uniform([batch], seeds[2], -limit, limit)
             zooms = tf.random.stateless_uniform([batch], seeds[3], 1.0, self.zoom)
             images = rotate_and_zoom(images, angles, zooms, self.fill_mode)
+        if self.border:
+            top, left = tf.unstack(tf.random.stateless_uniform([2], seeds[4], 0, self.border + 1, tf.int32))
+            images = tf.pad(images, [[0, 0], [top, self.border - top], [left, self.border - left], [0, 0]])
         return tf.cast(images, dtype)
 
 

@@ -11,6 +11,10 @@ feature); then each metric is averaged over the images it is defined for:
 - AUROC: area under the ROC curve of the raw heatmap scores against the
   mask's pixels; only images whose mask has both values.
 
+With `border=w`, exact match is also reported apart for the band of w
+pixels along the image border and for the interior inside it: centred
+patches there hang over the border, so a map can be worse there than inside.
+
 An average over no images is NaN (reported as "n/a"), never a made-up 0.
 """
 
@@ -34,11 +38,29 @@ def image_mask_metrics(heat, mask, *, threshold=0.5):
     return exact_match, recall, auroc
 
 
-def mask_metrics(heatmaps, masks, *, threshold=0.5):
+def border_band(shape, width):
+    """bool (H, W): True within `width` pixels of the image border."""
+    band = np.ones(shape, bool)
+    band[width : shape[0] - width, width : shape[1] - width] = False
+    return band
+
+
+def mask_metrics(heatmaps, masks, *, threshold=0.5, border=None):
     """Averages over images: a dict with exact_match, recall, auroc (NaN when undefined)
-    and the number of images each was averaged over (images, recall_images, auroc_images)."""
+    and the number of images each was averaged over (images, recall_images, auroc_images);
+    with `border` also exact_match_border and exact_match_interior (module docstring)."""
     if len(heatmaps) != len(masks):
         raise PatchNetError(f"{len(heatmaps)} heatmaps but {len(masks)} masks")
+    if border is not None and len(heatmaps):
+        band = border_band(np.shape(masks[0]), border)
+        agree = (np.asarray(heatmaps) > threshold) == (np.asarray(masks) > 0)
+        border_result = {
+            "border": int(border),
+            "exact_match_border": float(np.mean(agree[:, band])) if band.any() else float("nan"),
+            "exact_match_interior": float(np.mean(agree[:, ~band])) if (~band).any() else float("nan"),
+        }
+    else:
+        border_result = {}
     rows = np.array(
         [image_mask_metrics(heat, mask, threshold=threshold) for heat, mask in zip(heatmaps, masks)],
         np.float64,
@@ -50,7 +72,7 @@ def mask_metrics(heatmaps, masks, *, threshold=0.5):
         result[name] = float(defined.mean()) if len(defined) else float("nan")
         if name != "exact_match":
             result[f"{name}_images"] = int(len(defined))
-    return result
+    return {**result, **border_result}
 
 
 def read_mask(path, size=None, *, image_shape=None):

@@ -3,6 +3,7 @@ atomically), the paper's stopping rule, epoch timing, TensorBoard heatmaps."""
 
 import glob
 import json
+import math
 import os
 import time
 
@@ -58,7 +59,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 def _resumable_state(callback):
-    names = ("wait", "best", "best_epoch", "stopped_epoch")
+    names = ("wait", "best", "best_epoch", "stopped_epoch", "left_plateau")
     return {
         name: float(getattr(callback, name)) if "best" == name else getattr(callback, name)
         for name in names
@@ -85,6 +86,35 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 def inference_model(model):
     """The model to save or explain: the plain model inside a training wrapper, if any."""
     return getattr(model, "inference_model", model)
+
+
+class EarlyStoppingAfterPlateau(keras.callbacks.EarlyStopping):
+    """`EarlyStopping` whose patience starts once the training loss has left the ln 2 plateau.
+
+    A PatchNet whose patches all say 0.5 has loss ln 2 = 0.693 on balanced
+    data, and it often stays there for tens of epochs before the subnet
+    finds the class-1 feature; validation loss wobbles meanwhile, so a
+    patience counted from epoch 1 ends the run before it has learned
+    anything. Until the training loss first drops below
+    `plateau_loss - margin`, no epoch counts; a run that never leaves stops
+    at --epochs.
+    """
+
+    def __init__(self, monitor="val_loss", *, patience=0, plateau_loss=math.log(2.0), margin=0.1, **kwargs):
+        super().__init__(monitor, patience=patience, **kwargs)
+        self.plateau_loss = plateau_loss
+        self.margin = margin
+        self.left_plateau = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.left_plateau = False  # a resumed run gets its state back from the backup after this
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        self.left_plateau = self.left_plateau or (loss is not None and loss < self.plateau_loss - self.margin)
+        if self.left_plateau:
+            super().on_epoch_end(epoch, logs)
 
 
 class StopAtPerfectAccuracy(keras.callbacks.Callback):
@@ -120,10 +150,12 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
     TensorBoard's step slider shows the evidence maps sharpen during training.
     """
 
-    def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps"):
+    def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps", display_images=None):
+        """`images` are model inputs; `display_images` the [0, 1] pictures they come from (default: the same)."""
         super().__init__()
         self.writer_dir = log_dir
         self.images = np.asarray(images, np.float32)
+        self.display_images = self.images if display_images is None else np.asarray(display_images, np.float32)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
         self.every = int(every)
         self.stride = int(stride)
@@ -140,7 +172,7 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
         model = inference_model(self.model)
         maps = heatmap(model, self.images, stride=self.stride)
         pictures = []
-        for image, heat in zip(self.images, maps):
+        for image, heat in zip(self.display_images, maps):
             rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
             gray = np.repeat(heatmap_to_gray(heat)[..., None], 3, axis=-1) / 255.0
             overlay = cv2.cvtColor(heatmap_overlay(rgb, heat), cv2.COLOR_BGR2RGB) / 255.0

@@ -43,16 +43,23 @@ def add_arguments(parser):
     parser.add_argument("--no-train", action="store_true", help="only load the three runs in --out")
     group = parser.add_argument_group("training (the `patchnet train` flags of all three runs)")
     group.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    group.add_argument("--epochs", type=positive_int, default=30)
-    group.add_argument("--patience", type=positive_int, default=10)
-    group.add_argument("--learning-rate", type=positive_float, default=1e-3,
-                       help="Adam learning rate (paper: 1e-4 over hundreds of epochs)")
+    group.add_argument("--epochs", type=positive_int, default=150)
+    group.add_argument("--patience", type=positive_int, default=20,
+                       help="counted once the training loss has left ln 2 (as `patchnet train`)")
+    group.add_argument("--learning-rate", type=positive_float, default=3e-3,
+                       help="PatchNet's Adam learning rate (paper: 1e-4 over hundreds of epochs)")
     group.add_argument("--batch-size", type=positive_int, default=8, help="PatchNet's batch (paper: 4)")
     group.add_argument("--baseline-batch-size", type=positive_int, default=16,
                        help="CAM and VGG-11 batch (paper: 64)")
+    group.add_argument("--baseline-learning-rate", type=positive_float, default=3e-4,
+                       help="CAM and VGG-11 Adam learning rate (README: the grid it was picked from)")
     group.add_argument("--horizontal-flip", action="store_true")
     group.add_argument("--vertical-flip", action="store_true")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--no-normalize", dest="normalize", action="store_false",
+                       help="feed [0, 1] pixels instead of standardized ones (as `patchnet train`)")
+    group.add_argument("--stop-at-perfect-accuracy", action="store_true",
+                       help="the paper's second stopping rule (as `patchnet train`)")
     group = parser.add_argument_group("PatchNet")
     group.add_argument("--patch-size", type=positive_int, default=15)
     group.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
@@ -60,6 +67,8 @@ def add_arguments(parser):
                        help="valid: exact one-pass heatmaps (SPEC section 8); same: the paper's subnet")
     group.add_argument("--filters", type=positive_int, default=16)
     group.add_argument("--conv-layers", type=positive_int, default=3)
+    group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
+                       help="train without patches that hang over the image border (as `patchnet train`)")
     group = parser.add_argument_group("maps and figure")
     group.add_argument("--threshold", type=float, default=0.5, help="heatmap threshold for Table 2")
     group.add_argument("--heatmap-stride", type=positive_int, default=1,
@@ -80,6 +89,8 @@ def run_configs(args):
         "horizontal_flip": args.horizontal_flip,
         "vertical_flip": args.vertical_flip,
         "seed": args.seed,
+        "normalize": args.normalize,
+        "stop_at_perfect_accuracy": args.stop_at_perfect_accuracy,
         "heatmap_every": 0,  # compare draws its own figure
     }
     configs = {}
@@ -93,9 +104,10 @@ def run_configs(args):
                 padding=args.padding,
                 filters=args.filters,
                 conv_layers=args.conv_layers,
+                border_patches=args.border_patches,
             )
         else:
-            config.update(batch_size=args.baseline_batch_size)
+            config.update(batch_size=args.baseline_batch_size, learning_rate=args.baseline_learning_rate)
         configs[arch] = config
     return configs
 
@@ -163,25 +175,25 @@ def table1(results, names, splits):
 
 def table2(mask_results, names):
     """(markdown, csv) of the mask metrics per map (paper Table 2)."""
-    header = ["Model", "Average Exact Match", "Average Recall", "Average AUROC"]
+    header = ["Model", "Average Exact Match", "Average Recall", "Average AUROC",
+              "Exact Match, Border Band", "Exact Match, Interior"]
+    keys = ("exact_match", "recall", "auroc", "exact_match_border", "exact_match_interior")
     rows, csv_rows = [], []
     for arch, metrics in mask_results.items():
-        rows.append([
-            names[arch][1],
-            format_percent(metrics["exact_match"]),
-            format_percent(metrics["recall"]),
-            format_number(metrics["auroc"]),
+        rows.append([names[arch][1]] + [
+            format_number(metrics[key]) if key == "auroc" else format_percent(metrics[key]) for key in keys
         ])
         csv_rows.append([names[arch][1]] + [
-            "" if math.isnan(metrics[key]) else f"{metrics[key]:.6f}" for key in ("exact_match", "recall", "auroc")
+            "" if math.isnan(metrics[key]) else f"{metrics[key]:.6f}" for key in keys
         ] + [metrics["images"], metrics["recall_images"], metrics["auroc_images"], metrics["threshold"]])
     any_metrics = next(iter(mask_results.values()))
     note = (
         f"\n{any_metrics['images']} images, heatmaps thresholded at {any_metrics['threshold']:g}; "
         f"recall over the {any_metrics['recall_images']} with a non-empty mask, "
-        f"AUROC over the {any_metrics['auroc_images']} whose mask has both values.\n"
+        f"AUROC over the {any_metrics['auroc_images']} whose mask has both values; "
+        f"the border band is the {any_metrics['border']} pixels along the image border (half a patch).\n"
     )
-    csv_header = ["model", "exact_match", "recall", "auroc", "images", "recall_images", "auroc_images", "threshold"]
+    csv_header = ["model", *keys, "images", "recall_images", "auroc_images", "threshold"]
     return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
 
 
@@ -278,7 +290,8 @@ def compare(args):
             model, preprocessing, pairs, heatmap_stride=args.heatmap_stride,
             batch_size=args.eval_batch_size, progress=f"  {names[arch][1]} maps",
         )
-        mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold)
+        mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold,
+                                          border=args.patch_size // 2)
         maps.append(heatmaps)
         if inputs is None:
             inputs, masks, labels = model_inputs, model_masks, split.labels

@@ -15,11 +15,13 @@ inside the training step on the model's device (patchnet_tf/augment.py);
 machines) choose how the step runs. model.keras is always the plain model.
 """
 
+import dataclasses
 import json
 import os
 import sys
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_write_text
@@ -27,10 +29,11 @@ from patchnet_tf.augment import Augmentation, AugmentedModel
 from patchnet_tf.cli import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.model import build_patchnet
-from patchnet_tf.preprocessing import Preprocessing
+from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from pipelines.callbacks import (
     AtomicBackupAndRestore,
     AtomicModelCheckpoint,
+    EarlyStoppingAfterPlateau,
     EpochSeconds,
     StopAtPerfectAccuracy,
     TensorBoardHeatmaps,
@@ -66,8 +69,14 @@ def add_training_arguments(parser):
     parser.add_argument("--epochs", type=positive_int, default=100)
     parser.add_argument("--learning-rate", type=positive_float, default=1e-4)
     parser.add_argument("--patience", type=positive_int, default=20,
-                        help="epochs without a better val_loss before stopping (paper: 1000)")
+                        help="epochs without a better val_loss before stopping, counted once the training "
+                        "loss has left the ln 2 plateau (paper: 1000)")
+    parser.add_argument("--stop-at-perfect-accuracy", action="store_true",
+                        help="the paper's second rule: stop when training accuracy reaches 100 %%")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-normalize", dest="normalize", action="store_false",
+                        help="feed [0, 1] pixels instead of standardizing each channel with the training "
+                        "split's mean and standard deviation (saved in preprocessing.json)")
     group = parser.add_argument_group("augmentation (training step only; never in the saved model)")
     group.add_argument("--rotation", type=float, default=0.0, metavar="DEGREES",
                        help="random rotation up to this angle either way (paper, dermoscopy: 180)")
@@ -75,6 +84,9 @@ def add_training_arguments(parser):
                        help="random zoom-in up to this factor (paper, dermoscopy: 1.2)")
     group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips")
     group.add_argument("--vertical-flip", action="store_true", help="random up-down flips")
+    group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
+                       help="PatchNet: do not pad each batch by a random border of up to half a patch "
+                       "(which teaches the subnet the zero padding its heatmaps see at the image border)")
     group = parser.add_argument_group("input pipeline")
     group.add_argument("--no-balance", dest="balance", action="store_false",
                        help="draw training images as they come instead of equally per class")
@@ -188,6 +200,7 @@ def augmentation_from(config):
         zoom=config.get("zoom") or 1.0,
         horizontal_flip=bool(config.get("horizontal_flip")),
         vertical_flip=bool(config.get("vertical_flip")),
+        border=config["patch_size"] // 2 if config["arch"] == "patchnet" and config.get("border_patches") else 0,
     )
 
 
@@ -258,6 +271,9 @@ def train(config):
         if config[name] < (0.0 if name == "rotation" else 1.0):
             raise PatchNetError(f"--{name} must be at least {0 if name == 'rotation' else 1}, got {config[name]}")
     _check_resume(out, config)
+    data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
+    if config["normalize"]:
+        preprocessing = fit_normalization(preprocessing, dataset.splits["train"], config["seed"])
     chief = _is_chief(strategy)
     # Other workers of a multi-worker run write to a scratch folder of their own.
     run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
@@ -266,7 +282,6 @@ def train(config):
         atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
         preprocessing.save(out)
 
-    data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
     train_data = image_dataset(
         dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
         balance=config["balance"], name="train", **data_options,
@@ -297,9 +312,27 @@ def train(config):
     return history
 
 
+def fit_normalization(preprocessing, split, seed, max_images=512):
+    """`preprocessing` with the per-channel mean and std of (a seeded sample of) the training split.
+
+    Standardized inputs are what lets PatchNet leave the ln 2 plateau early
+    on grey photographs (README, "Input normalization"). 512 images pin the
+    statistics to about 1 % and bound the cost on a large dataset.
+    """
+    from pipelines.data import Split
+
+    if len(split) > max_images:
+        picks = np.sort(np.random.default_rng(seed).choice(len(split), max_images, replace=False))
+        split = Split([split.paths[index] for index in picks], split.labels[picks])
+    batches = image_dataset(split, preprocessing, 64, cache="off", skip_bad=True, on_skip=lambda *_: None,
+                            name="normalization statistics")
+    mean, std = channel_statistics(images for images, _ in batches)
+    return dataclasses.replace(preprocessing, mean=mean, std=std)
+
+
 def _callbacks(config, run_dir, dataset, preprocessing):
     log_dir = os.path.join(run_dir, "logs")
-    early_stopping = keras.callbacks.EarlyStopping("val_loss", patience=config["patience"])
+    early_stopping = EarlyStoppingAfterPlateau("val_loss", patience=config["patience"])
     checkpoint = AtomicModelCheckpoint(os.path.join(run_dir, MODEL_NAME), "val_loss", save_best_only=True)
     _write_hparams(log_dir, config)
     trim_csv_log(os.path.join(run_dir, "history.csv"), os.path.join(run_dir, "backup"))
@@ -307,7 +340,7 @@ def _callbacks(config, run_dir, dataset, preprocessing):
         EpochSeconds(),  # first, so the loggers below record its `seconds`
         checkpoint,
         early_stopping,
-        StopAtPerfectAccuracy(),
+        *([StopAtPerfectAccuracy()] if config["stop_at_perfect_accuracy"] else []),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv"), append=True),
         keras.callbacks.TensorBoard(log_dir),
     ]
@@ -319,7 +352,8 @@ def _callbacks(config, run_dir, dataset, preprocessing):
             height, width = preprocessing.image_size
             stride = 1 if config["padding"] == "valid" else max(1, int((height * width / 1000) ** 0.5))
             callbacks.append(TensorBoardHeatmaps(os.path.join(log_dir, "heatmaps"), images, labels,
-                                                 every=config["heatmap_every"], stride=stride))
+                                                 every=config["heatmap_every"], stride=stride,
+                                                 display_images=preprocessing.denormalize(images)))
     # Last, so it records the other callbacks' state after each epoch.
     # Kept after the run, so the same command with more --epochs continues it.
     callbacks.append(AtomicBackupAndRestore(

@@ -47,7 +47,8 @@ def test_writes_both_tables_with_the_numbers_evaluate_gives(compared):
     markdown = open(os.path.join(out, "table1.md")).read()
     assert "| Model | Validation Loss | Validation Accuracy | Test Loss | Test Accuracy |" in markdown
     markdown = open(os.path.join(out, "table2.md")).read()
-    assert "| Model | Average Exact Match | Average Recall | Average AUROC |" in markdown
+    assert ("| Model | Average Exact Match | Average Recall | Average AUROC "
+            "| Exact Match, Border Band | Exact Match, Interior |") in markdown
     assert "recall over the 4 with a non-empty mask" in markdown
     # The numbers are those `patchnet evaluate --masks` gives for the saved runs.
     for row1, row2, arch in zip(table1, table2, ("patchnet", "cam", "vgg11")):

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
-from patchnet_tf.cli import image_size, positive_float, positive_int
+from patchnet_tf.flag_types import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics

@@ -9,7 +9,7 @@ call `classify` and `heatmap` over gRPC -> stop the server.
 import os
 import time
 
-from patchnet_tf.cli import image_size, positive_int
+from patchnet_tf.flag_types import image_size, positive_int
 from patchnet_tf.metrics import format_number, format_percent
 
 MODEL_NAME = "patchnet"

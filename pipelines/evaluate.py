@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from patchnet_tf.atomic import atomic_write_text
-from patchnet_tf.cli import positive_int
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask

@@ -25,7 +25,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from patchnet_tf.cli import positive_int
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
 from patchnet_tf.preprocessing import decode_image

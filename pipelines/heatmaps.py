@@ -11,7 +11,7 @@ import cv2
 import keras
 import numpy as np
 
-from patchnet_tf.cli import positive_int
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray

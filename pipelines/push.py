@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from tensorflow_serving.config import model_server_config_pb2
 
 from patchnet_tf.atomic import atomic_write_text, fsync
-from patchnet_tf.cli import positive_int
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from pipelines.data import load_folder_dataset
 from pipelines.export import export_saved_model

@@ -17,7 +17,7 @@ import os
 import statistics
 
 from patchnet_tf.atomic import atomic_write_text
-from patchnet_tf.cli import positive_int
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 
 COLUMNS = (

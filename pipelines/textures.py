@@ -176,7 +176,7 @@ def _write_png(path, array):
 
 
 def main(argv=None):
-    from patchnet_tf.cli import image_size, positive_int
+    from patchnet_tf.flag_types import image_size, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.textures", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output folder")

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.augment import Augmentation, AugmentedModel
-from patchnet_tf.cli import image_size, positive_float, positive_int
+from patchnet_tf.flag_types import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.model import build_patchnet
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from patchnet_tf.cli import positive_float, positive_int
+from patchnet_tf.flag_types import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
 

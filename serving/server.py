@@ -37,7 +37,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from patchnet_tf.cli import positive_float, positive_int
+from patchnet_tf.flag_types import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
 from serving.warmup import replay_warmup

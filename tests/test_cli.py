@@ -65,6 +65,9 @@ def test_unknown_command_and_bad_flag_values(capsys, dataset, tmp_path):
     assert code == 2 and "HEIGHTxWIDTH" in err
     code, _, err = patchnet(capsys, "train", dataset, "--out", str(tmp_path), "--batch-size", "0")
     assert code == 2 and "positive integer" in err
+    for value in ("inf", "nan", "-1e-3"):  # inf and nan would train to NaN and exit 0
+        code, _, err = patchnet(capsys, "train", dataset, "--out", str(tmp_path), f"--learning-rate={value}")
+        assert code == 2 and "--learning-rate" in err and "positive finite number" in err, value
 
 
 def test_missing_data_folder_is_named(capsys, tmp_path):

@@ -7,6 +7,7 @@ the serving code otherwise.
 """
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -27,8 +28,30 @@ COMMANDS = {
 }
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help shows every flag's default, even where the flag has no help text."""
+
+    def _format_action(self, action):
+        default = action.default
+        if action.option_strings and default is not None and default is not argparse.SUPPRESS \
+                and not isinstance(default, bool) and "%(default)" not in (action.help or ""):
+            action = copy.copy(action)
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (not the whole usage block), exit status 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=ShowDefaults, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="patchnet",
         description="PatchNet: interpretable image classification with dense evidence maps.",
     )
@@ -47,7 +70,7 @@ def main(argv=None):
     name = argv[0]
     module_name, summary = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"patchnet {name}", description=summary)
+    parser = Parser(prog=f"patchnet {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

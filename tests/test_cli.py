@@ -1,8 +1,11 @@
 """The command line: help everywhere, one clear line for bad input, resume after kill -9."""
 
+import argparse
 import csv
+import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,10 +46,29 @@ def tiny_model_path(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
-def test_every_command_has_help(capsys, command):
+def test_every_command_has_help_showing_every_default(capsys, command):
     code, out, _ = patchnet(capsys, command, "--help")
     assert code == 0
     assert f"usage: patchnet {command}" in out
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    parser = cli.Parser(prog=command)
+    module.add_arguments(parser)
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and not isinstance(action.default, bool):
+            flag = max(action.option_strings, key=len)
+            entry = re.search(rf"\n  (?:-\w, )?{flag}\b(.*?)(?=\n  -|\n\n|\Z)", out, re.S)
+            wanted = "".join(f"default: {action.default}".split())  # help wraps at spaces and hyphens
+            assert entry and wanted in "".join(entry.group(1).split()), flag
+
+
+def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, tmp_path):
+    code, _, err = patchnet(capsys, "train", str(tmp_path), "--out", str(tmp_path / "run"), "--epochs", "many")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "patchnet train: error: argument --epochs: expected a positive integer, got 'many' "
+        "(see patchnet train --help)"
+    ]
 
 
 def test_top_level_help_lists_commands(capsys):

@@ -51,8 +51,8 @@ def add_arguments(parser):
     group.add_argument("--batch-size", type=positive_int, default=8, help="PatchNet's batch (paper: 4)")
     group.add_argument("--baseline-batch-size", type=positive_int, default=16,
                        help="CAM and VGG-11 batch (paper: 64)")
-    group.add_argument("--baseline-learning-rate", type=positive_float, default=3e-4,
-                       help="CAM and VGG-11 Adam learning rate (README: the grid it was picked from)")
+    group.add_argument("--baseline-learning-rate", type=positive_float, default=1e-4,
+                       help="CAM and VGG-11 Adam learning rate (docs/comparison.md: the grid it was picked from)")
     group.add_argument("--horizontal-flip", action="store_true")
     group.add_argument("--vertical-flip", action="store_true")
     group.add_argument("--seed", type=int, default=0)
@@ -64,7 +64,7 @@ def add_arguments(parser):
     group.add_argument("--patch-size", type=positive_int, default=15)
     group.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
     group.add_argument("--padding", choices=("same", "valid"), default="valid",
-                       help="valid: exact one-pass heatmaps (SPEC section 8); same: the paper's subnet")
+                       help="valid: exact one-pass heatmaps (docs/padding.md); same: the paper's subnet")
     group.add_argument("--filters", type=positive_int, default=16)
     group.add_argument("--conv-layers", type=positive_int, default=3)
     group.add_argument("--no-border-patches", dest="border_patches", action="store_false",

@@ -14,6 +14,16 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def positive_float(text):
     try:
         value = float(text)

@@ -125,6 +125,9 @@ class LoadedModel:
                 f"output tensor alias not found in signature: {', '.join(unknown)} "
                 f"Outputs expected to be in the set {{{','.join(sorted(signature.outputs))}}}.",
             )
+        duplicates = sorted({key for key in outputs if outputs.count(key) > 1})
+        if duplicates:
+            raise SignatureError("INVALID_ARGUMENT", f"duplicate output tensor alias: {duplicates[0]}")
         feeds = {signature.inputs[key].name: value for key, value in inputs.items()}
         fetches = [signature.outputs[key].name for key in outputs]
         values = self.session.run(fetches, feed_dict=feeds)

@@ -10,7 +10,10 @@ client) works against it unchanged. Its behaviour follows the real server:
   (a push's ".tmp-..." sibling, "latest", notes) is ignored, and a folder
   without saved_model.pb is never loaded. The base folder is polled, so a
   pushed version is picked up without a restart; by default only the latest
-  version is served (TF Serving's `latest { num_versions: 1 }`).
+  version is served (TF Serving's `latest { num_versions: 1 }`). Versions
+  load and unload as TF Serving's default availability-preserving policy
+  has them (`ModelManager`): a broken or half-copied push never takes the
+  serving version down, and a failed load is retried.
 - A request without a version gets the latest loaded one; a specific
   version is served if it is loaded, else NOT_FOUND.
 - Signatures run through the same session loader as TF Serving
@@ -21,6 +24,7 @@ Binds 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.
 """
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import signal
@@ -37,7 +41,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from patchnet_tf.flag_types import positive_float, positive_int
+from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
 from serving.warmup import replay_warmup
@@ -74,48 +78,89 @@ def _load_and_warm_up(path):
     return loaded
 
 
-class ModelManager:
-    """Loads and unloads the versions of one model by polling its base folder."""
+@dataclasses.dataclass
+class LoadFailure:
+    """A version that failed to load: retried every `interval` until `attempts` exceed the retries."""
 
-    def __init__(self, base_dir, model_name, *, num_versions=1, poll_seconds=1.0):
+    code: str  # gRPC status name of the load error
+    message: str
+    attempts: int
+    retry_at: float  # time.monotonic()
+    gave_up: bool
+
+
+class ModelManager:
+    """Loads and unloads the versions of one model by polling its base folder, as TF Serving's
+    default AvailabilityPreservingPolicy does (core/availability_preserving_policy.cc):
+
+    - the latest `num_versions` versions on disk are aspired; the highest new one loads first;
+    - a version no longer aspired is unloaded only when no version is aspired, an aspired one is
+      serving, or another unaspired one still serves, so one broken push never empties the server;
+    - a failed load is retried `max_load_retries` times, `load_retry_interval` seconds apart
+      (--max_num_load_retries, --load_retry_interval_micros), then reported (GetModelStatus: END
+      with the error) and left until the folder goes away.
+    """
+
+    def __init__(self, base_dir, model_name, *, num_versions=1, poll_seconds=1.0, max_load_retries=5,
+                 load_retry_interval=60.0):
         self.base_dir = os.path.abspath(base_dir)
         self.model_name = model_name
         self.num_versions = num_versions
         self.poll_seconds = poll_seconds
+        self.max_load_retries = max_load_retries
+        self.load_retry_interval = max(0.0, load_retry_interval)
         self._loaded = {}  # version -> LoadedModel
-        self._failed = {}  # version -> message, a version that failed to load is not retried
+        self._failures = {}  # version -> LoadFailure
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time (the poller and explicit calls)
         self._stop = threading.Event()
         self._thread = None
 
     def poll(self):
-        """One pass: load the wanted versions, unload the rest."""
+        """One pass: load the aspired versions that are due, then unload what the policy allows."""
         with self._poll_lock:
             self._poll()
 
     def _poll(self):
         on_disk = list_versions(self.base_dir)
-        wanted = set(on_disk[-self.num_versions:])
-        for version in sorted(wanted - set(self._loaded) - set(self._failed)):
-            path = os.path.join(self.base_dir, str(version))
-            try:
-                loaded = _load_and_warm_up(path)
-            except Exception as error:  # a broken version must not stop the server
-                self._failed[version] = first_line(error)
-                LOG.error("model %s version %d failed to load: %s", self.model_name, version,
-                          self._failed[version])
+        aspired = set(on_disk[-self.num_versions:])
+        for version in sorted(aspired - set(self._loaded), reverse=True):
+            failure = self._failures.get(version)
+            if failure and (failure.gave_up or time.monotonic() < failure.retry_at):
                 continue
+            self._load(version, failure)
+        while True:
             with self._lock:
-                self._loaded[version] = loaded
-            LOG.info("model %s version %d loaded from %s", self.model_name, version, path)
-        for version in sorted(set(self._loaded) - wanted):
+                serving = set(self._loaded)
+            unaspired = sorted(serving - aspired)
+            if not unaspired or (aspired and not aspired & serving and len(unaspired) == 1):
+                break
             with self._lock:
-                self._loaded.pop(version)
+                self._loaded.pop(unaspired[0])
             # Not closed here: requests in flight still hold it; the session closes when collected.
-            LOG.info("model %s version %d unloaded", self.model_name, version)
-        for version in set(self._failed) - set(on_disk):
-            self._failed.pop(version)
+            LOG.info("model %s version %d unloaded", self.model_name, unaspired[0])
+        with self._lock:
+            for version in set(self._failures) - set(on_disk):
+                self._failures.pop(version)
+
+    def _load(self, version, failure):
+        path = os.path.join(self.base_dir, str(version))
+        try:
+            loaded = _load_and_warm_up(path)
+        except Exception as error:  # a broken version must not stop the server
+            attempts = failure.attempts + 1 if failure else 1
+            gave_up = attempts > self.max_load_retries
+            code = _status_name(error) if isinstance(error, tf.errors.OpError) else "UNKNOWN"
+            with self._lock:
+                self._failures[version] = LoadFailure(code, first_line(error), attempts,
+                                                      time.monotonic() + self.load_retry_interval, gave_up)
+            LOG.error("model %s version %d failed to load (attempt %d of %d%s): %s", self.model_name, version,
+                      attempts, self.max_load_retries + 1, ", giving up" if gave_up else "", first_line(error))
+            return
+        with self._lock:
+            self._failures.pop(version, None)
+            self._loaded[version] = loaded
+        LOG.info("model %s version %d loaded from %s", self.model_name, version, path)
 
     def start(self):
         self.poll()
@@ -142,10 +187,20 @@ class ModelManager:
         with self._lock:
             return sorted(self._loaded)
 
+    def statuses(self):
+        """{version: (state name, LoadFailure or None)} as GetModelStatus reports them."""
+        with self._lock:
+            states = {version: ("AVAILABLE", None) for version in self._loaded}
+            for version, failure in self._failures.items():
+                states.setdefault(version, ("END" if failure.gave_up else "LOADING", failure))
+        return states
+
     def get(self, model_spec):
         """(version, LoadedModel) for a ModelSpec; raises SignatureError NOT_FOUND as TF Serving does."""
         name = model_spec.name
         requested = model_spec.version.value if model_spec.HasField("version") else None
+        if not name:  # TF Serving: model_servers/server_core.cc
+            raise SignatureError("INVALID_ARGUMENT", "ModelSpec has no name specified.")
         if model_spec.version_label:
             raise SignatureError(
                 "INVALID_ARGUMENT",
@@ -179,6 +234,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
 
     def Predict(self, request, context):
+        if not request.HasField("model_spec"):
+            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
         try:
             version, model = self.manager.get(request.model_spec)
             signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
@@ -186,6 +243,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             inputs = {}
             for key, proto in request.inputs.items():
                 try:
+                    if any(dim.size < 0 for dim in proto.tensor_shape.dim):  # Tensor::FromProto refuses these
+                        raise ValueError(f"negative dimension in {key}")
                     inputs[key] = tf.make_ndarray(proto)
                 except Exception:
                     raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
@@ -207,10 +266,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     def GetModelMetadata(self, request, context):
-        try:
-            version, model = self.manager.get(request.model_spec)
-        except SignatureError as error:
-            return _abort(context, error.code, error.message)
+        # TF Serving checks the request before it looks the model up (get_model_metadata_impl.cc).
+        if not request.HasField("model_spec"):
+            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
         fields = list(request.metadata_field)
         if not fields:
             return _abort(context, "INVALID_ARGUMENT",
@@ -218,6 +276,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         unsupported = [field for field in fields if field != "signature_def"]
         if unsupported:
             return _abort(context, "INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
+        try:
+            version, model = self.manager.get(request.model_spec)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for name, signature in model.signatures.items():
             signature_map.signature_def[name].CopyFrom(signature)
@@ -233,21 +295,26 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.manager = manager
 
     def GetModelStatus(self, request, context):
+        if not request.HasField("model_spec"):
+            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
         spec = request.model_spec
         requested = spec.version.value if spec.HasField("version") else None
-        versions = self.manager.versions() if spec.name == self.manager.model_name else []
+        statuses = self.manager.statuses() if spec.name == self.manager.model_name else {}
         if requested is not None:
-            if requested not in versions:
+            if requested not in statuses:
                 return _abort(context, "NOT_FOUND",
                               f"Could not find version {requested} of model {spec.name}")
-            versions = [requested]
-        elif not versions:
+            statuses = {requested: statuses[requested]}
+        elif not statuses:
             return _abort(context, "NOT_FOUND", f"Could not find any versions of model {spec.name}")
         response = get_model_status_pb2.GetModelStatusResponse()
-        for version in versions:
+        for version, (state, failure) in sorted(statuses.items()):
             status = response.model_version_status.add()
             status.version = version
-            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            status.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
+            if failure is not None and failure.gave_up:  # TF Serving reports the load error once it gives up
+                status.status.error_code = getattr(grpc.StatusCode, failure.code).value[0]
+                status.status.error_message = failure.message
         return response
 
     def HandleReloadConfigRequest(self, request, context):
@@ -291,13 +358,14 @@ class LocalServer:
 
 
 def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_seconds=1.0,
-                 num_versions=1, workers=8):
+                 num_versions=1, workers=8, max_load_retries=5, load_retry_interval=60.0):
     """Starts serving BASE/<version> folders; port 0 picks a free port (see `.port`)."""
     base_dir = os.path.abspath(base_dir)
     if not os.path.isdir(base_dir):
         raise PatchNetError(f"{base_dir}: no such model base folder (expected BASE/<version>/saved_model.pb)")
     model_name = model_name or os.path.basename(base_dir)
-    manager = ModelManager(base_dir, model_name, num_versions=num_versions, poll_seconds=poll_seconds)
+    manager = ModelManager(base_dir, model_name, num_versions=num_versions, poll_seconds=poll_seconds,
+                           max_load_retries=max_load_retries, load_retry_interval=load_retry_interval)
     manager.start()
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
@@ -326,13 +394,18 @@ def add_arguments(parser):
     parser.add_argument("--num-versions", type=positive_int, default=1,
                         help="serve the latest N versions (TF Serving's default policy is latest 1)")
     parser.add_argument("--workers", type=positive_int, default=8, help="concurrent requests")
+    parser.add_argument("--max-num-load-retries", type=nonnegative_int, default=5,
+                        help="retries of a failed version load before giving up (TF Serving's flag)")
+    parser.add_argument("--load-retry-interval-micros", type=int, default=60_000_000,
+                        help="microseconds between load retries; negative: no wait (TF Serving's flag)")
 
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     server = start_server(args.base, args.model_name, args.host, args.port,
                           poll_seconds=args.poll_seconds, num_versions=args.num_versions,
-                          workers=args.workers)
+                          workers=args.workers, max_load_retries=args.max_num_load_retries,
+                          load_retry_interval=args.load_retry_interval_micros / 1e6)
     stopped = threading.Event()
 
     def on_signal(signum, frame):

@@ -6,6 +6,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import cv2
 import grpc
@@ -179,7 +181,48 @@ BAD_REQUESTS = {
         "INVALID_ARGUMENT", "input image_bytes: empty batch"),
     "missing input": (
         lambda: request(inputs={}), "INVALID_ARGUMENT", "Missing but required: {image_bytes}"),
+    "no model spec": (
+        lambda: predict_pb2.PredictRequest(inputs={"image_bytes": tf.make_tensor_proto(images(1), tf.string)}),
+        "INVALID_ARGUMENT", "Missing ModelSpec"),
+    "empty model name": (
+        lambda: request(model=""), "INVALID_ARGUMENT", "ModelSpec has no name specified."),
+    "duplicate output alias": (
+        lambda: _with_output_filter(request(), ["probability", "probability"]),
+        "INVALID_ARGUMENT", "duplicate output tensor alias: probability"),
+    "negative dimension": (
+        lambda: request(inputs={"image_bytes": _negative_dimension(tf.make_tensor_proto(images(1), tf.string))}),
+        "INVALID_ARGUMENT", "tensor parsing error: image_bytes"),
 }
+
+
+def _with_output_filter(req, aliases):
+    req.output_filter.extend(aliases)
+    return req
+
+
+def _negative_dimension(proto):
+    proto.tensor_shape.dim[0].size = -1
+    return proto
+
+
+def test_metadata_and_status_check_the_request_as_tf_serving(served):
+    server, stub, _ = served
+    status_stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(server.address))
+    calls = {
+        "metadata without model spec": (
+            lambda: stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+                metadata_field=["signature_def"])), "Missing ModelSpec"),
+        "status without model spec": (
+            lambda: status_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest()), "Missing ModelSpec"),
+        "metadata field checked before the model": (
+            lambda: stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+                model_spec={"name": "nope"})), "must specify at least one metadata_field"),
+    }
+    for case, (call, message) in calls.items():
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        assert message in error.value.details(), case
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
@@ -347,3 +390,88 @@ def test_serve_cli_stops_cleanly_on_sigterm(exports, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def _status(server, version=None):
+    stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(server.address))
+    spec = {"name": MODEL} if version is None else {"name": MODEL, "version": {"value": version}}
+    response = stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
+    return {s.version: s for s in response.model_version_status}
+
+
+def _wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_corrupt_version_under_load_never_takes_the_serving_one_down(exports, tmp_path):
+    """TF Serving's availability-preserving policy: version 1 serves on while version 2 fails to load."""
+    models, dirs = exports
+    base = tmp_path / MODEL
+    copy_version(dirs[0], str(base), 1)
+    server = start_server(str(base), MODEL, port=0, poll_seconds=0.05, max_load_retries=2, load_retry_interval=0.1)
+    data = images(2)
+    want = expected(models[0], data)[0]
+    stop, answered, failed = threading.Event(), [], []
+
+    def client_loop():
+        channel = grpc.insecure_channel(server.address)
+        stub = client.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        while not stop.is_set():
+            try:
+                response = stub.Predict(request(inputs={"image_bytes": tf.make_tensor_proto(data, tf.string)}),
+                                        timeout=30)
+                answered.append((response.model_spec.version.value, outputs(response)["probability"]))
+            except grpc.RpcError as error:
+                failed.append(error.code())
+        channel.close()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    try:
+        server.wait_for_version(1)
+        for thread in threads:
+            thread.start()
+        _wait_until(lambda: len(answered) > 20)
+        broken = tmp_path / "staging"
+        broken.mkdir()
+        (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        os.rename(broken, base / "2")
+        _wait_until(lambda: 2 in _status(server) and _status(server)[2].state == _status(server)[2].END)
+        seen = len(answered)
+        _wait_until(lambda: len(answered) > seen + 20)  # still serving after the failure was final
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    statuses = _status(server)
+    server.stop()
+    assert failed == []
+    assert {version for version, _ in answered} == {1}
+    for _, probability in answered[::25]:
+        np.testing.assert_allclose(probability, want, atol=TOLERANCE)
+    assert statuses[1].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert statuses[2].status.error_code != 0 and statuses[2].status.error_message
+
+
+def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_path):
+    """`cp` writes saved_model.pb before variables/: the first load fails, a retry succeeds."""
+    models, dirs = exports
+    base = tmp_path / MODEL
+    copy_version(dirs[0], str(base), 1)
+    server = start_server(str(base), MODEL, port=0, poll_seconds=0.05, max_load_retries=5, load_retry_interval=0.3)
+    try:
+        server.wait_for_version(1)
+        (base / "2").mkdir()
+        shutil.copy(os.path.join(dirs[1], "saved_model.pb"), base / "2" / "saved_model.pb")
+        _wait_until(lambda: 2 in _status(server))
+        assert _status(server)[2].state == get_model_status_pb2.ModelVersionStatus.LOADING  # retrying
+        assert server.versions() == [1]
+        shutil.copytree(dirs[1], base / "2", dirs_exist_ok=True)
+        _wait_until(lambda: server.versions() == [2])  # loaded by a retry, then version 1 unloaded
+        data = images(2)
+        served = client.predict(server.address, MODEL, data)
+        np.testing.assert_allclose([p.probability for p in served], expected(models[1], data)[0], atol=TOLERANCE)
+    finally:
+        server.stop()

@@ -120,7 +120,7 @@ def which_padding(seeds, epochs):
             "heatmap_192x256_cpu_s": mean("heatmap_192x256_cpu_s"),
         })
     print_table(
-        "which padding? bundled textures 64x64 (40 + 40 train, 16 + 16 test), p = 11, 4 x 32 convs, "
+        "which padding? tinted textures 64x64 (40 + 40 train, 16 + 16 test), p = 11, 4 x 32 convs, "
         f"Adam 1e-3, batch 8, {epochs} epochs; means over seeds",
         rows,
         [("padding", "padding"), ("seeds", "seeds"), ("test_accuracy", "test acc"),
@@ -135,7 +135,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="96 x 128, batch 2; under 2 minutes")
     parser.add_argument("--which-padding", action="store_true",
-                        help="train same and valid models on the bundled textures and compare")
+                        help="train same and valid models on the tinted textures and compare")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per padding for --which-padding")
     parser.add_argument("--epochs", type=int, default=30, help="epochs for --which-padding")
     args = parser.parse_args(argv)

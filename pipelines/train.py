@@ -44,7 +44,12 @@ from pipelines.data import image_dataset, load_dataset
 MODEL_NAME = "model.keras"
 CONFIG_NAME = "train_config.json"
 # Flags that may differ when a run resumes: they change how, not what, it trains.
-RESUMABLE_CHANGES = ("epochs", "cache", "skip_bad", "strategy", "heatmap_every", "heatmap_images")
+# "out": a run folder that was moved is still the same run.
+RESUMABLE_CHANGES = ("out", "epochs", "cache", "skip_bad", "strategy", "heatmap_every", "heatmap_images")
+PATH_KEYS = ("data", "images")  # stored absolute: ./data/x and data/x are the same data
+# How runs saved before these settings existed were trained: resuming one takes
+# --no-normalize --no-border-patches --stop-at-perfect-accuracy.
+BEFORE_NORMALIZATION = {"normalize": False, "border_patches": False, "stop_at_perfect_accuracy": True}
 
 
 def add_arguments(parser):
@@ -151,8 +156,11 @@ def _check_resume(out, config):
     if not os.path.exists(path):
         return
     with open(path) as file:
-        previous = json.load(file)
+        previous = {**BEFORE_NORMALIZATION, **json.load(file)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    for key in PATH_KEYS:  # runs saved before paths were stored absolute
+        if isinstance(previous.get(key), str):
+            previous[key] = os.path.abspath(previous[key])
     changed = sorted(
         key for key in config if key not in RESUMABLE_CHANGES and previous.get(key) != config[key]
     )
@@ -245,6 +253,7 @@ def train(config):
     only what they change (plus data and out).
     """
     config = {**train_defaults(), **config}
+    config.update({key: os.path.abspath(config[key]) for key in PATH_KEYS if config.get(key)})
     out = config["out"]
     previous_policy = keras.mixed_precision.global_policy()
     strategy = distribution_strategy(config["strategy"])

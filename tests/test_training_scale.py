@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from patchnet_tf import build_patchnet
 from patchnet_tf.augment import Augmentation, AugmentedModel, rotate_and_zoom
+from patchnet_tf.errors import PatchNetError
 from pipelines.textures import write_texture_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,6 +200,22 @@ def test_train_logs_scalars_heatmaps_hparams_and_resumes(textures, tmp_path):
     assert len(history.history["loss"]) == 1
     with open(os.path.join(out, "history.csv")) as file:
         assert [row["epoch"] for row in csv.DictReader(file)] == ["0", "1", "2"]
+    # The same data and run folder, spelled as relative paths, is the same run.
+    cwd = os.getcwd()
+    try:
+        os.chdir(os.path.dirname(out))
+        relative = {**config, "out": os.path.join(".", "run"), "data": os.path.relpath(textures), "epochs": 4}
+        assert len(train(relative).history["loss"]) == 1
+    finally:
+        os.chdir(cwd)
+    # A run saved before normalization and border patches existed resumes with the flags that
+    # reproduce how it was trained, and is refused (naming them) without.
+    stored = json.load(open(os.path.join(out, "train_config.json")))
+    for key in ("normalize", "border_patches", "stop_at_perfect_accuracy"):
+        del stored[key]
+    open(os.path.join(out, "train_config.json"), "w").write(json.dumps(stored))
+    with pytest.raises(PatchNetError, match="border_patches, normalize, stop_at_perfect_accuracy"):
+        train({**config, "epochs": 5})
 
 
 def test_sweep_writes_the_table_and_hparams(textures, tmp_path):

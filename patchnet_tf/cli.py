@@ -78,6 +78,10 @@ def main(argv=None):
     except PatchNetError as error:
         print(f"patchnet {name}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. --out naming an existing file: the path and why, not a traceback
+        where = error.filename if error.filename is not None else ""
+        print(f"patchnet {name}: error: {where}{': ' if where else ''}{error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"patchnet {name}: interrupted", file=sys.stderr)
         return 130

@@ -92,6 +92,20 @@ def test_unknown_command_and_bad_flag_values(capsys, dataset, tmp_path):
         assert code == 2 and "--learning-rate" in err and "positive finite number" in err, value
 
 
+def test_out_naming_an_existing_file_is_one_line(capsys, dataset, tmp_path, tiny_model_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    image = os.path.join(dataset, sorted(os.listdir(dataset))[0])
+    image = os.path.join(image, sorted(os.listdir(image))[0])
+    for argv in (["train", dataset, "--out", str(taken), *TINY, "--epochs", "1"],
+                 ["heatmap", image, "--model", tiny_model_path, "--out", str(taken)]):
+        code, _, err = patchnet(capsys, *argv)
+        assert code == 2, argv
+        assert err.strip().splitlines()[-1].startswith(f"patchnet {argv[0]}: error: {taken}"), err
+        assert "Traceback" not in err
+    assert taken.read_text() == "not a folder"
+
+
 def test_missing_data_folder_is_named(capsys, tmp_path):
     missing = str(tmp_path / "nowhere")
     code, _, err = patchnet(capsys, "train", missing, "--out", str(tmp_path / "run"), *TINY)

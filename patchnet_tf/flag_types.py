@@ -24,6 +24,17 @@ def nonnegative_int(text):
     return value
 
 
+def port_number(text):
+    """A TCP port, 0 (any free one) to 65535; larger numbers would wrap around."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return value
+
+
 def positive_float(text):
     try:
         value = float(text)

@@ -9,7 +9,7 @@ call `classify` and `heatmap` over gRPC -> stop the server.
 import os
 import time
 
-from patchnet_tf.flag_types import image_size, positive_int
+from patchnet_tf.flag_types import image_size, port_number, positive_int
 from patchnet_tf.metrics import format_number, format_percent
 
 MODEL_NAME = "patchnet"
@@ -22,7 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--patch-size", type=positive_int, default=15)
     parser.add_argument("--padding", choices=("same", "valid"), default="valid")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=0, help="local server port (0: a free one)")
+    parser.add_argument("--port", type=port_number, default=0, help="local server port (0: a free one)")
 
 
 class Stages:

@@ -41,7 +41,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
+from patchnet_tf.flag_types import nonnegative_int, port_number, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
 from serving.warmup import replay_warmup
@@ -366,20 +366,24 @@ def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_se
     model_name = model_name or os.path.basename(base_dir)
     manager = ModelManager(base_dir, model_name, num_versions=num_versions, poll_seconds=poll_seconds,
                            max_load_retries=max_load_retries, load_retry_interval=load_retry_interval)
-    manager.start()
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[  # images and heatmaps exceed gRPC's 4 MB default, as in TF Serving
             ("grpc.max_send_message_length", 256 << 20),
             ("grpc.max_receive_message_length", 256 << 20),
+            # gRPC's default SO_REUSEPORT let a second server share a port in use, silently.
+            ("grpc.so_reuseport", 0),
         ],
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:  # before loading any model: a busy port fails in a second, not after the load
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if not bound:
-        manager.stop()
         raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
+    manager.start()
     server.start()
     return LocalServer(manager, server, host, bound)
 
@@ -388,7 +392,7 @@ def add_arguments(parser):
     parser.add_argument("base", help="model base folder holding <version>/saved_model.pb")
     parser.add_argument("--model-name", default=None, help="default: the base folder's name")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
     parser.add_argument("--poll-seconds", type=positive_float, default=1.0,
                         help="how often to look for new versions (TF Serving: --file_system_poll_wait_seconds)")
     parser.add_argument("--num-versions", type=positive_int, default=1,

@@ -475,3 +475,16 @@ def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_p
         np.testing.assert_allclose([p.probability for p in served], expected(models[1], data)[0], atol=TOLERANCE)
     finally:
         server.stop()
+
+
+def test_serve_refuses_a_port_in_use_or_out_of_range(served, capsys, tmp_path):
+    server, _, _ = served
+    base = os.path.dirname(server.manager.base_dir)
+    with pytest.raises(Exception) as error:  # gRPC's SO_REUSEPORT would have let a second server share it
+        start_server(server.manager.base_dir, MODEL, port=server.port)
+    assert f"cannot bind 127.0.0.1:{server.port}" in str(error.value)
+    for port in ("70000", "-1"):
+        with pytest.raises(SystemExit) as exit:
+            cli_main(["serve", base, f"--port={port}"])
+        assert exit.value.code == 2
+        assert "expected a port number from 0 to 65535" in capsys.readouterr().err

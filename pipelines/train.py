@@ -39,7 +39,7 @@ from pipelines.callbacks import (
     TensorBoardHeatmaps,
     trim_csv_log,
 )
-from pipelines.data import image_dataset, load_dataset
+from pipelines.data import Split, image_dataset, load_dataset
 
 MODEL_NAME = "model.keras"
 CONFIG_NAME = "train_config.json"
@@ -328,8 +328,6 @@ def fit_normalization(preprocessing, split, seed, max_images=512):
     on grey photographs (docs/training.md, "Input normalization"). 512 images pin the
     statistics to about 1 % and bound the cost on a large dataset.
     """
-    from pipelines.data import Split
-
     if len(split) > max_images:
         picks = np.sort(np.random.default_rng(seed).choice(len(split), max_images, replace=False))
         split = Split([split.paths[index] for index in picks], split.labels[picks])

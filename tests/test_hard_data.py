@@ -157,3 +157,15 @@ def test_border_band_is_as_right_as_the_interior(trained, grey_textures):
     assert results["masks"]["auroc"] > 0.8
     assert metrics["exact_match_border"] >= metrics["exact_match_interior"] - 0.08, metrics
     assert border_band((64, 64), 7).sum() == 64 * 64 - 50 * 50
+
+
+def test_normalization_statistics_come_from_a_seeded_sample_of_a_large_split(grey_textures):
+    from pipelines.train import fit_normalization
+
+    split = load_folder_dataset(grey_textures).splits["train"]
+    plain = Preprocessing(image_size=(64, 64))
+    full = fit_normalization(plain, split, seed=0)
+    sample = fit_normalization(plain, split, seed=0, max_images=10)
+    assert sample == fit_normalization(plain, split, seed=0, max_images=10)  # the same sample each time
+    assert sample.mean != full.mean and sample.mean != fit_normalization(plain, split, seed=1, max_images=10).mean
+    np.testing.assert_allclose(sample.mean, full.mean, rtol=0.2)  # a sample, of the same images

@@ -1,5 +1,6 @@
 """Loading what `patchnet train` wrote: the model and the preprocessing beside it."""
 
+import json
 import os
 
 import keras
@@ -8,6 +9,7 @@ from patchnet_tf.errors import PatchNetError
 from patchnet_tf.preprocessing import Preprocessing
 
 MODEL_FILE = "model.keras"
+TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def load_trained_model(model_path):
@@ -21,3 +23,18 @@ def load_trained_model(model_path):
     except Exception as error:  # Keras raises many types for a bad file
         raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
     return model, preprocessing
+
+
+def read_train_config(run_dir):
+    """The flags a run was trained with (train_config.json), {} when the folder has none."""
+    path = os.path.join(run_dir, TRAIN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as file:
+            config = json.load(file)
+    except (OSError, ValueError) as error:
+        raise PatchNetError(f"{path}: unreadable ({error}); delete it or train the run again") from None
+    if not isinstance(config, dict):
+        raise PatchNetError(f"{path}: not a train config (expected a JSON object)")
+    return config

@@ -20,11 +20,9 @@ from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask
-from patchnet_tf.runs import load_trained_model
+from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 
-MODEL_NAME = "model.keras"
-CONFIG_NAME = "train_config.json"
 
 
 def add_arguments(parser):
@@ -45,13 +43,8 @@ def add_arguments(parser):
 def load_run(model_path):
     """(model, preprocessing, train config or {}) from a run folder or a model file."""
     model, preprocessing = load_trained_model(model_path)
-    path = os.path.join(model_path, MODEL_NAME) if os.path.isdir(model_path) else model_path
-    config_path = os.path.join(os.path.dirname(path), CONFIG_NAME)
-    config = {}
-    if os.path.isfile(config_path):
-        with open(config_path) as file:
-            config = json.load(file)
-    return model, preprocessing, config
+    path = os.path.join(model_path, MODEL_FILE) if os.path.isdir(model_path) else model_path
+    return model, preprocessing, read_train_config(os.path.dirname(path))
 
 
 def load_split(data, preprocessing, split, train_config=None):

@@ -21,7 +21,6 @@ it was (the staging folder is deleted).
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from patchnet_tf.atomic import atomic_write_text, fsync
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
 from pipelines.export import export_saved_model
 from serving import warmup
@@ -155,10 +155,8 @@ def _next_version(base_dir):
 def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
     """The run's own validation split when its train_config.json says how it was made."""
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    config_path = os.path.join(run_dir, "train_config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as file:
-            config = json.load(file)
+    config = read_train_config(run_dir)
+    if config:
         val_fraction = val_fraction if val_fraction is not None else config.get("val_fraction", 0.2)
         seed = seed if seed is not None else config.get("seed", 0)
         positive_class = positive_class or config.get("positive_class")

@@ -30,6 +30,7 @@ from patchnet_tf.flag_types import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.model import build_patchnet
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
+from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
 from pipelines.callbacks import (
     AtomicBackupAndRestore,
     AtomicModelCheckpoint,
@@ -42,7 +43,7 @@ from pipelines.callbacks import (
 from pipelines.data import Split, image_dataset, load_dataset
 
 MODEL_NAME = "model.keras"
-CONFIG_NAME = "train_config.json"
+CONFIG_NAME = TRAIN_CONFIG_FILE
 # Flags that may differ when a run resumes: they change how, not what, it trains.
 # "out": a run folder that was moved is still the same run.
 RESUMABLE_CHANGES = ("out", "epochs", "cache", "skip_bad", "strategy", "heatmap_every", "heatmap_images")
@@ -152,11 +153,10 @@ def compile_model(model, learning_rate, optimizer=None):
 
 
 def _check_resume(out, config):
-    path = os.path.join(out, CONFIG_NAME)
-    if not os.path.exists(path):
+    stored = read_train_config(out)
+    if not stored:
         return
-    with open(path) as file:
-        previous = {**BEFORE_NORMALIZATION, **json.load(file)}
+    previous = {**BEFORE_NORMALIZATION, **stored}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     for key in PATH_KEYS:  # runs saved before paths were stored absolute
         if isinstance(previous.get(key), str):

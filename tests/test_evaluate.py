@@ -148,3 +148,14 @@ def test_bad_inputs_are_clear_errors(dataset, tmp_path):
     with pytest.raises(PatchNetError, match="must have the image's size"):
         evaluation.evaluate(run, dataset, masks_dir=str(wrong_size))
     assert keras.models.load_model(os.path.join(run, "model.keras")).name == "cam"
+
+
+def test_a_corrupt_train_config_is_one_line_naming_it(dataset, tmp_path, capsys):
+    run = _save_run(baselines.build("cam", (SIZE, SIZE, 3), width=1), str(tmp_path / "cam"))
+    config = os.path.join(run, "train_config.json")
+    with open(config, "w") as file:
+        file.write('{"arch": "cam", "seed"')  # cut off mid-write by hand
+    code = main(["evaluate", run, dataset])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.strip().splitlines()[-1].startswith(f"patchnet evaluate: error: {config}: unreadable")

@@ -25,6 +25,16 @@ def atomic_path(path):
             os.remove(temporary)
 
 
+def remove_stale_temporaries(directory):
+    """Deletes the temporary files that writes killed with -9 left in `directory` (not below it)."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(".tmp-") and os.path.isfile(path):
+            os.remove(path)
+
+
 def atomic_write_text(path, text):
     with atomic_path(path) as temporary:
         with open(temporary, "w") as file:

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.atomic import atomic_write_text, remove_stale_temporaries
 from patchnet_tf.augment import Augmentation, AugmentedModel
 from patchnet_tf.flag_types import image_size, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
@@ -288,6 +288,8 @@ def train(config):
     run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
     os.makedirs(run_dir, exist_ok=True)
     if chief:
+        for folder in (out, os.path.join(out, "backup")):  # what a kill -9 of an earlier try left
+            remove_stale_temporaries(folder)
         atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
         preprocessing.save(out)
 

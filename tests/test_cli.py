@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import glob
 import importlib
 import json
 import os
@@ -176,6 +177,10 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
     first.wait()
     done = _backup_epoch(run)
     assert 2 <= done < 8, f"the first run should be killed mid-training, it had finished {done} epochs"
+    # What a kill during a checkpoint or backup write leaves (timing decides whether this one did).
+    stale = [os.path.join(run, ".tmp-abc.keras"), os.path.join(run, "backup", ".tmp-def.weights.h5")]
+    for path in stale:
+        open(path, "wb").close()
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -185,6 +190,8 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
     with open(os.path.join(run, "history.csv")) as file:
         epochs = [int(row["epoch"]) for row in csv.DictReader(file)]
     assert epochs == list(range(8))  # one row per epoch, none lost or repeated
+    left = glob.glob(os.path.join(run, ".tmp-*")) + glob.glob(os.path.join(run, "backup", ".tmp-*"))
+    assert left == [], left
     assert keras.models.load_model(os.path.join(run, "model.keras")).get_layer("subnet")
 
 

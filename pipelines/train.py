@@ -283,6 +283,12 @@ def train(config):
     data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
     if config["normalize"]:
         preprocessing = fit_normalization(preprocessing, dataset.splits["train"], config["seed"])
+    # Every file is decoded here, before anything is written: a bad image leaves no run behind.
+    train_data = image_dataset(
+        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
+        balance=config["balance"], name="train", **data_options,
+    )
+    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"], name="val", **data_options)
     chief = _is_chief(strategy)
     # Other workers of a multi-worker run write to a scratch folder of their own.
     run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
@@ -292,12 +298,6 @@ def train(config):
             remove_stale_temporaries(folder)
         atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
         preprocessing.save(out)
-
-    train_data = image_dataset(
-        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
-        balance=config["balance"], name="train", **data_options,
-    )
-    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"], name="val", **data_options)
 
     keras.mixed_precision.set_global_policy(mixed_precision_policy(config["mixed_precision"]))
     try:

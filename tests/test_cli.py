@@ -122,6 +122,22 @@ def test_patch_larger_than_image_is_refused(capsys, dataset, tmp_path):
     assert not os.path.exists(tmp_path / "model.keras")
 
 
+def test_a_train_that_fails_on_a_bad_image_leaves_no_run_behind(capsys, dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    class_folder = sorted(path for path in data.iterdir() if path.is_dir() and path.name != "masks")[0]
+    (class_folder / "zz-broken.png").write_bytes(b"this is not a PNG")
+    out = tmp_path / "run"
+    code, _, err = patchnet(capsys, "train", str(data), "--out", str(out), *TINY, "--epochs", "1")
+    assert code == 2 and "zz-broken.png: missing or not a decodable image" in err
+    assert not out.exists() or os.listdir(out) == []  # nothing that would lock the next run
+    (class_folder / "zz-broken.png").unlink()
+    code, _, err = patchnet(capsys, "train", str(data), "--out", str(out), *TINY, "--epochs", "1", "--seed", "3")
+    assert code == 0, err
+
+
 def test_heatmap_names_an_undecodable_image(capsys, tiny_model_path, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"this is not a PNG")

@@ -23,6 +23,7 @@ memory is bounded by the band size, not by the image size:
 """
 
 import collections
+import os
 
 import cv2
 import keras
@@ -284,3 +285,23 @@ def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
     else:
         base = cv2.cvtColor(base, cv2.COLOR_RGB2BGR)
     return cv2.addWeighted(colour, alpha, base, 1.0 - alpha, 0.0)
+
+
+def output_stems(paths):
+    """One distinct file stem per input path, for the PNGs written about it.
+
+    The file's own stem; where two inputs share one (a/x.png, b/x.png) their
+    folder's name goes in front (a-x, b-x), and a number after if they still clash.
+    """
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in paths]
+    shared = collections.Counter(stems)
+    stems = [
+        f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{stem}" if shared[stem] > 1 else stem
+        for path, stem in zip(paths, stems)
+    ]
+    seen = collections.Counter()
+    unique = []
+    for stem in stems:
+        seen[stem] += 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return unique

@@ -12,9 +12,10 @@ import keras
 import numpy as np
 
 from patchnet_tf.flag_types import positive_int
+from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray
+from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray, output_stems
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 
@@ -32,12 +33,11 @@ def list_images(inputs):
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(directory, name)
-                for directory, _, names in os.walk(item)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            found = []
+            for directory, folders, names in os.walk(item):
+                folders[:] = [folder for folder in folders if folder != "masks"]  # a dataset's masks are not inputs
+                found += [os.path.join(directory, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
+            found.sort()
             if not found:
                 raise PatchNetError(f"{item}: no images in this folder")
             paths += found
@@ -62,14 +62,16 @@ def filter_grid(maps):
 
 def run(args):
     model, preprocessing = load_trained_model(args.model)
+    if args.filters and arch_of(model) != "patchnet":
+        raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch_of(model)}")
     paths = list_images(args.images)
     os.makedirs(args.out, exist_ok=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image")
-    for path in paths:
+    for path, stem in zip(paths, output_stems(paths)):
         image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride)[0]
-        stem = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0])
+        stem = os.path.join(args.out, stem)
         cv2.imwrite(f"{stem}-heatmap.png", heatmap_to_gray(heat))
         cv2.imwrite(f"{stem}-overlay.png", heatmap_overlay(image, heat))
         if args.filters:

@@ -4,7 +4,7 @@ Sends the images' encoded bytes (JPEG/PNG/BMP as they are on disk) to the
 `classify` or `heatmap` signature through PredictionServiceStub, so it works
 unchanged against the real tensorflow_model_server. Prints one JSON object
 per image (probability and label); for the heatmap signature it also writes
-<name>_heatmap.png (white = class-1 evidence) and <name>_overlay.png.
+<name>-heatmap.png (white = class-1 evidence) and <name>-overlay.png.
 
     patchnet predict --server localhost:8500 --model patchnet a.png b.jpg
     patchnet predict --server localhost:8500 --model patchnet --signature heatmap --out maps a.png
@@ -24,7 +24,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from patchnet_tf.flag_types import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
+from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray, output_stems
 
 SIGNATURES = ("classify", "heatmap")
 MAX_MESSAGE = 256 << 20
@@ -121,20 +121,20 @@ def predict(server, model, images, signature="classify", *, version=None, deadli
 
 
 def write_heatmaps(predictions, out_dir):
-    """<stem>_heatmap.png and <stem>_overlay.png per image; returns the paths written."""
+    """<stem>-heatmap.png and <stem>-overlay.png per image, as `patchnet heatmap`; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    for index, prediction in enumerate(predictions):
-        stem = os.path.splitext(os.path.basename(prediction.image))[0] or f"image{index}"
+    stems = output_stems([prediction.image or f"image{index}" for index, prediction in enumerate(predictions)])
+    for prediction, stem in zip(predictions, stems):
         heat = prediction.heatmap
-        gray_path = os.path.join(out_dir, f"{stem}_heatmap.png")
+        gray_path = os.path.join(out_dir, f"{stem}-heatmap.png")
         cv2.imwrite(gray_path, heatmap_to_gray(heat))
         written.append(gray_path)
         original = cv2.imread(prediction.image, cv2.IMREAD_COLOR) if os.path.isfile(prediction.image) else None
         if original is not None:
             rgb = cv2.cvtColor(cv2.resize(original, heat.shape[::-1], interpolation=cv2.INTER_AREA),
                                cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-            overlay_path = os.path.join(out_dir, f"{stem}_overlay.png")
+            overlay_path = os.path.join(out_dir, f"{stem}-overlay.png")
             cv2.imwrite(overlay_path, heatmap_overlay(rgb, heat))
             written.append(overlay_path)
     return written

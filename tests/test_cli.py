@@ -164,10 +164,37 @@ def test_heatmap_writes_pngs_for_a_folder(capsys, dataset, tiny_model_path, tmp_
                             "--out", str(tmp_path), "--stride", "2", "--filters")
     assert code == 0 and "wrote heatmaps of 8 image(s)" in out
     written = sorted(os.listdir(tmp_path))
-    assert "000-heatmap.png" in written and "000-overlay.png" in written and "000-filters.png" in written
+    # black/000.png and square/000.png: one set of PNGs each, named apart by their folder.
+    assert len([name for name in written if name.endswith("-heatmap.png")]) == 8
+    assert {"black-000-heatmap.png", "square-000-overlay.png", "black-000-filters.png"} <= set(written)
     import cv2
 
-    assert cv2.imread(str(tmp_path / "000-heatmap.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
+    assert cv2.imread(str(tmp_path / "black-000-heatmap.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
+
+
+def test_heatmap_outputs_never_collide_and_masks_are_not_inputs(capsys, dataset, tiny_model_path, tmp_path):
+    import shutil
+
+    from patchnet_tf import baselines
+
+    data = tmp_path / "data"
+    for folder in ("a", "b", "masks"):
+        (data / folder).mkdir(parents=True)
+    image = os.path.join(dataset, "black", sorted(os.listdir(os.path.join(dataset, "black")))[0])
+    for folder in ("a", "b", "masks"):
+        shutil.copy(image, data / folder / "same.png")
+    out = tmp_path / "maps"
+    code, stdout, _ = patchnet(capsys, "heatmap", str(data), "--model", tiny_model_path, "--out", str(out))
+    assert code == 0 and "wrote heatmaps of 2 image(s)" in stdout  # masks/ is skipped
+    assert sorted(os.listdir(out)) == ["a-same-heatmap.png", "a-same-overlay.png",
+                                       "b-same-heatmap.png", "b-same-overlay.png"]
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    baselines.build("cam", (32, 32, 3), width=1).save(str(cam / "model.keras"))
+    shutil.copy(os.path.join(os.path.dirname(tiny_model_path), "preprocessing.json"), cam)
+    code, _, err = patchnet(capsys, "heatmap", str(data / "a"), "--model", str(cam), "--out", str(tmp_path / "c"),
+                            "--filters")
+    assert code == 2 and "--filters needs a PatchNet" in err and not (tmp_path / "c").exists()
 
 
 def _backup_epoch(run):

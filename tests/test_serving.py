@@ -331,9 +331,9 @@ def test_client_cli_writes_json_and_heatmaps(served, tmp_path, capsys):
     np.testing.assert_allclose([a["probability"] for a in answers], probability, atol=TOLERANCE)
     assert [a["label"] for a in answers] == [int(p >= 0.5) for p in probability]
     for index in range(2):
-        gray = cv2.imread(str(tmp_path / "maps" / f"img{index}_heatmap.png"), cv2.IMREAD_UNCHANGED)
+        gray = cv2.imread(str(tmp_path / "maps" / f"img{index}-heatmap.png"), cv2.IMREAD_UNCHANGED)
         assert gray.shape == (32, 32)
-        assert cv2.imread(str(tmp_path / "maps" / f"img{index}_overlay.png")).shape == (32, 32, 3)
+        assert cv2.imread(str(tmp_path / "maps" / f"img{index}-overlay.png")).shape == (32, 32, 3)
     assert cli_main(["predict", "--server", server.address, "--model", "nope", paths[0]]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
 

@@ -83,7 +83,9 @@ def main(argv=None):
         print(f"patchnet {name}: error: {where}{': ' if where else ''}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"patchnet {name}: interrupted", file=sys.stderr)
+        resumable = name in ("train", "compare", "sweep")
+        print(f"patchnet {name}: interrupted{'; run the same command to resume' if resumable else ''}",
+              file=sys.stderr)
         return 130
 
 

@@ -36,6 +36,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             with open(self._training_metadata_path) as file:
                 metadata = json.load(file)
             self._weights_path = os.path.join(self.backup_dir, metadata["weights"])
+            print(f"resuming after epoch {metadata['epoch']} from {self.backup_dir}", flush=True)
             for callback, state in zip(self.stateful, metadata.get("callbacks", [])):
                 for name, value in state.items():
                     setattr(callback, name, value)

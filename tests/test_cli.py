@@ -227,6 +227,7 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
+    assert f"resuming after epoch {done} from {os.path.join(run, 'backup')}" in second.stdout
     started = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
     assert started[0] == f"Epoch {done + 1}/8", started  # finished epochs are not repeated
     assert started[-1] == "Epoch 8/8"
@@ -236,6 +237,21 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
     left = glob.glob(os.path.join(run, ".tmp-*")) + glob.glob(os.path.join(run, "backup", ".tmp-*"))
     assert left == [], left
     assert keras.models.load_model(os.path.join(run, "model.keras")).get_layer("subnet")
+
+
+def test_an_interrupted_run_says_how_to_resume(dataset, tmp_path):
+    run = str(tmp_path / "run")
+    command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "50",
+               "--patience", "100", *TINY]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while _backup_epoch(run) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "patchnet train: interrupted; run the same command to resume"
 
 
 def test_history_rows_beyond_the_backup_are_dropped(tmp_path):

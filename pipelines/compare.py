@@ -29,6 +29,7 @@ from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
 from pipelines import evaluate as evaluation
+from pipelines.data import load_dataset
 
 ARCHS = ("patchnet", "cam", "vgg11")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
@@ -261,6 +262,10 @@ def compare(args):
     masks_dir = args.masks or os.path.join(args.data, "masks")
     if not os.path.isdir(masks_dir):
         raise PatchNetError(f"{masks_dir}: no mask folder (compare needs masks; pass --masks DIR)")
+    splits = load_dataset(args.data).splits  # checked before three runs are trained, not after
+    if args.mask_split not in splits:
+        raise PatchNetError(f"{args.data}: no {args.mask_split} split for --mask-split {args.mask_split} "
+                            f"(it has {', '.join(sorted(splits))})")
     total = len(ARCHS) + 3
     stage = lambda number, text: _stage(number, total, text)  # noqa: E731
     configs = run_configs(args)

@@ -97,6 +97,17 @@ def test_no_train_loads_the_runs_and_needs_them(compared, tmp_path, capsys):
     assert "no such model file" in capsys.readouterr().err
 
 
+def test_a_missing_mask_split_is_refused_before_training(compared, tmp_path, capsys):
+    import shutil
+
+    data, _ = compared
+    data = shutil.copytree(data, tmp_path / "data", ignore=shutil.ignore_patterns("test"))
+    out = tmp_path / "out"
+    assert main(["compare", str(data), "--out", str(out), "--mask-split", "test"]) == 2
+    assert "no test split for --mask-split test (it has train, val)" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_sample_indices_put_class_1_first_and_fill_from_the_other_class():
     labels = np.array([0, 0, 0, 0, 1, 1])
     picks = comparison.sample_indices(labels, 4)

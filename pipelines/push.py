@@ -7,7 +7,7 @@ The steps, each of which must pass before the next runs:
                   loader on the validation split's encoded images (what the
                   server will compute), and the same for the version now
                   served (the highest BASE/<integer>), if any
-  bless           meets --min-accuracy / --min-auroc and is not worse than
+  bless           meets --min-accuracy / beats --min-auroc (0.5: chance) and is not worse than
                   the served version by more than --tolerance
   warmup          assets.extra/tf_serving_warmup_requests, every signature
   infra-validate  a fresh process loads it as TF Serving does, replays the
@@ -41,6 +41,7 @@ from serving.loader import LoadedModel, first_line
 from serving.server import list_versions
 
 STEPS = ("export", "evaluate", "bless", "warmup", "infra-validate", "push")
+CHANCE_AUROC = 0.5
 EVAL_BATCH = 16
 
 
@@ -83,12 +84,20 @@ def evaluate_export(export_dir, paths, labels):
     return Evaluation(accuracy, auroc, len(labels))
 
 
-def blessing(candidate, baseline, *, min_accuracy=0.0, min_auroc=0.0, tolerance=0.01):
-    """None if blessed, else the reason it is not."""
+def blessing(candidate, baseline, *, min_accuracy=0.0, min_auroc=CHANCE_AUROC, tolerance=0.01):
+    """None if blessed, else the reason it is not.
+
+    The AUROC must be above `min_auroc`: by default a model no better than
+    chance is never served, not even as the first version (min_auroc=0 allows it).
+    """
     if candidate.accuracy < min_accuracy:
         return f"accuracy {candidate.accuracy:.4f} is below --min-accuracy {min_accuracy}"
-    if min_auroc > 0 and (candidate.auroc is None or candidate.auroc < min_auroc):
-        return f"AUROC {candidate.auroc} is below --min-auroc {min_auroc}"
+    if candidate.auroc is None:  # one class in the evaluation split: only a stricter bar than chance refuses
+        if min_auroc > CHANCE_AUROC:
+            return f"AUROC is undefined (the evaluation split holds one class), --min-auroc {min_auroc} asked for"
+    elif min_auroc > 0 and candidate.auroc <= min_auroc:
+        chance = " (chance)" if min_auroc == CHANCE_AUROC else ""
+        return f"AUROC {candidate.auroc:.4f} is not above --min-auroc {min_auroc}{chance}"
     if baseline is not None:
         if candidate.accuracy < baseline.accuracy - tolerance:
             return (f"accuracy {candidate.accuracy:.4f} is worse than the served version's "
@@ -168,7 +177,7 @@ def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
 
 
 def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_accuracy=0.0,
-         min_auroc=0.0, tolerance=0.01, heatmap_stride=1, val_fraction=None, seed=None,
+         min_auroc=CHANCE_AUROC, tolerance=0.01, heatmap_stride=1, val_fraction=None, seed=None,
          positive_class=None, config_base_path=None, log=print):
     """Runs every step; returns the pushed version (an int). Raises PushError on failure."""
     base_dir = os.path.abspath(base_dir)
@@ -233,7 +242,9 @@ def add_arguments(parser):
     parser.add_argument("--model-name", default=None, help="default: the base folder's name")
     parser.add_argument("--version", type=positive_int, default=None, help="default: highest + 1")
     parser.add_argument("--min-accuracy", type=float, default=0.0)
-    parser.add_argument("--min-auroc", type=float, default=0.0)
+    parser.add_argument("--min-auroc", type=float, default=CHANCE_AUROC,
+                        help="the AUROC must be above this; 0.5 refuses a model no better than chance, "
+                        "0 allows any")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="how much worse than the served version a candidate may be")
     parser.add_argument("--heatmap-stride", type=positive_int, default=1)

@@ -48,7 +48,8 @@ def pushed(tmp_path_factory):
     run = make_run(root / "run1", 0)
     base = str(root / "models" / MODEL)
     logs = []
-    version = push(run, base, data_dir=data, model_name=MODEL, log=logs.append)
+    # An untrained model: pushed because told to (min_auroc=0); by default chance level is refused.
+    version = push(run, base, data_dir=data, model_name=MODEL, min_auroc=0.0, log=logs.append)
     return {"root": root, "data": data, "run": run, "base": base, "version": version, "logs": logs}
 
 
@@ -108,7 +109,7 @@ def test_failed_infra_validation_pushes_nothing(pushed, monkeypatch):
     monkeypatch.setattr(warmup, "warmup_requests", corrupted)
     with pytest.raises(PushError) as error:
         push(make_run(pushed["root"] / "run-infra", 4), base, data_dir=pushed["data"], model_name=MODEL,
-             tolerance=1.0, log=lambda line: None)
+             tolerance=1.0, min_auroc=0.0, log=lambda line: None)
     assert error.value.step == "infra-validate"
     assert "warmup request failed" in str(error.value) and "image_bytes" in str(error.value)
     assert snapshot(base) == before
@@ -135,6 +136,11 @@ def test_blessing_compares_with_the_served_version():
     assert "worse than the served version's 0.9000" in blessing(Evaluation(0.80, 0.95, 20), served)
     assert "AUROC" in blessing(Evaluation(0.95, 0.70, 20), served)
     assert "min-auroc" in blessing(Evaluation(0.95, 0.70, 20), None, min_auroc=0.8)
+    # The first version too: no better than chance is refused unless --min-auroc 0.
+    assert "not above --min-auroc 0.5 (chance)" in blessing(Evaluation(0.5, 0.08, 20), None)
+    assert "not above --min-auroc 0.5 (chance)" in blessing(Evaluation(0.5, 0.5, 20), None)
+    assert blessing(Evaluation(0.5, 0.08, 20), None, min_auroc=0.0) is None
+    assert "one class" in blessing(Evaluation(1.0, None, 20), None, min_auroc=0.8)
     assert blessing(Evaluation(0.5, None, 2), None) is None
 
 

@@ -28,6 +28,8 @@ from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray, output_stems
 
 SIGNATURES = ("classify", "heatmap")
 MAX_MESSAGE = 256 << 20
+DEFAULT_WAIT = 120.0  # seconds for a server to come up: the paper's model loads and warms up in about 55
+DEFAULT_DEADLINE = 300.0  # seconds per request: two 128 x 128 heatmaps of the paper's model take over 30
 
 
 @dataclasses.dataclass
@@ -85,11 +87,14 @@ def _read(image):
         raise PatchNetError(f"{image}: cannot read ({error.strerror})") from None
 
 
-def predict(server, model, images, signature="classify", *, version=None, deadline=30.0,
-            retries=4, stub=None):
+def predict(server, model, images, signature="classify", *, version=None, deadline=DEFAULT_DEADLINE,
+            retries=4, wait=DEFAULT_WAIT, stub=None):
     """Images (paths or encoded bytes) -> list of Prediction; `server` is host:port.
 
-    Raises PatchNetError with the server's status code and message on failure.
+    Waits up to `wait` seconds for the server to come up (TF Serving, like the
+    local server, listens only once its models are loaded: about a minute
+    for the paper's model). Raises PatchNetError with the server's status
+    code and message on failure.
     """
     if signature not in SIGNATURES:
         raise PatchNetError(f"--signature must be one of {', '.join(SIGNATURES)}, got {signature!r}")
@@ -99,6 +104,11 @@ def predict(server, model, images, signature="classify", *, version=None, deadli
     channel = None
     if stub is None:
         stub, channel = connect(server)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            raise PatchNetError(f"{server}: no server answered within --wait {wait:g} s") from None
     try:
         response = call_with_retries(
             stub.Predict, build_request(model, data, signature, version),
@@ -146,14 +156,16 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="model name (models.config name)")
     parser.add_argument("--version", type=positive_int, default=None, help="default: the latest served")
     parser.add_argument("--signature", choices=SIGNATURES, default="classify")
-    parser.add_argument("--deadline", type=positive_float, default=30.0, help="seconds per request")
+    parser.add_argument("--deadline", type=positive_float, default=DEFAULT_DEADLINE, help="seconds per request")
+    parser.add_argument("--wait", type=positive_float, default=DEFAULT_WAIT,
+                        help="seconds to wait for a server that is still starting (loading its models)")
     parser.add_argument("--retries", type=int, default=4, help="retries on UNAVAILABLE, with backoff")
     parser.add_argument("--out", default="heatmaps", help="folder for heatmap PNGs (heatmap signature)")
 
 
 def run(args):
     predictions = predict(args.server, args.model, args.images, args.signature, version=args.version,
-                          deadline=args.deadline, retries=args.retries)
+                          deadline=args.deadline, retries=args.retries, wait=args.wait)
     written = write_heatmaps(predictions, args.out) if args.signature == "heatmap" else []
     for prediction in predictions:
         print(json.dumps(prediction.as_dict()))

@@ -488,3 +488,32 @@ def test_serve_refuses_a_port_in_use_or_out_of_range(served, capsys, tmp_path):
             cli_main(["serve", base, f"--port={port}"])
         assert exit.value.code == 2
         assert "expected a port number from 0 to 65535" in capsys.readouterr().err
+
+
+def test_predict_waits_for_a_server_that_is_still_starting(exports, tmp_path, capsys):
+    import socket
+
+    models, dirs = exports
+    base = tmp_path / MODEL
+    copy_version(dirs[0], str(base), 1)
+    with socket.socket() as probe:  # a free port for the server that starts late
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = images(1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.predict, f"127.0.0.1:{port}", MODEL, data, wait=60)
+        time.sleep(2.0)  # the client is waiting, not failing
+        assert not answer.done()
+        server = start_server(str(base), MODEL, port=port)
+        try:
+            np.testing.assert_allclose(answer.result(timeout=60)[0].probability, expected(models[0], data)[0][0],
+                                       atol=TOLERANCE)
+        finally:
+            server.stop()
+    with open(tmp_path / "x.png", "wb") as file:
+        file.write(data[0])
+    code = cli_main(["predict", "--server", f"127.0.0.1:{port}", "--model", MODEL, "--wait", "0.5",
+                     str(tmp_path / "x.png")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"patchnet predict: error: 127.0.0.1:{port}: no server answered within --wait 0.5 s")

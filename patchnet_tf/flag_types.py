@@ -4,35 +4,28 @@ import argparse
 import math
 
 
-def positive_int(text):
+def _integer(text, low, high, expected):
+    """int(text) if low <= it <= high (high None: no upper bound), else an argparse error saying `expected`."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text):
+    return _integer(text, 1, None, "a positive integer")
 
 
 def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _integer(text, 0, None, "an integer >= 0")
 
 
 def port_number(text):
     """A TCP port, 0 (any free one) to 65535; larger numbers would wrap around."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
-    return value
+    return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 
 def positive_float(text):

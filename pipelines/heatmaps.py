@@ -62,8 +62,9 @@ def filter_grid(maps):
 
 def run(args):
     model, preprocessing = load_trained_model(args.model)
-    if args.filters and arch_of(model) != "patchnet":
-        raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch_of(model)}")
+    arch = arch_of(model)
+    if args.filters and arch != "patchnet":
+        raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch}")
     paths = list_images(args.images)
     os.makedirs(args.out, exist_ok=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image")
@@ -71,11 +72,11 @@ def run(args):
         image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride)[0]
-        stem = os.path.join(args.out, stem)
-        cv2.imwrite(f"{stem}-heatmap.png", heatmap_to_gray(heat))
-        cv2.imwrite(f"{stem}-overlay.png", heatmap_overlay(image, heat))
+        prefix = os.path.join(args.out, stem)
+        cv2.imwrite(f"{prefix}-heatmap.png", heatmap_to_gray(heat))
+        cv2.imwrite(f"{prefix}-overlay.png", heatmap_overlay(image, heat))
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
-            cv2.imwrite(f"{stem}-filters.png", filter_grid(maps))
+            cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))
         progress.add(1)
     print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

@@ -93,6 +93,12 @@ def request(signature="classify", inputs=None, model=MODEL, version=None):
     return req
 
 
+def assert_serves(server, model, data, version=None):
+    """`patchnet predict` against `server` gives `model`'s probabilities for the encoded images `data`."""
+    served = client.predict(server.address, MODEL, data, version=version)
+    np.testing.assert_allclose([p.probability for p in served], expected(model, data)[0], atol=TOLERANCE)
+
+
 def outputs(response):
     return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
 
@@ -275,10 +281,8 @@ def test_new_version_picked_up_and_half_written_ignored(exports, tmp_path):
         assert server.versions() == [1]
         copy_version(dirs[1], str(base), 2)  # the real push protocol
         assert server.wait_for_version(2) == [1, 2]
-        latest = client.predict(server.address, MODEL, data)
-        np.testing.assert_allclose([p.probability for p in latest], expected(models[1], data)[0], atol=TOLERANCE)
-        pinned = client.predict(server.address, MODEL, data, version=1)
-        np.testing.assert_allclose([p.probability for p in pinned], expected(models[0], data)[0], atol=TOLERANCE)
+        assert_serves(server, models[1], data)  # the latest
+        assert_serves(server, models[0], data, version=1)  # pinned
     finally:
         server.stop()
 
@@ -306,9 +310,7 @@ def test_a_version_is_served_only_after_its_warmup_requests_ran(exports, tmp_pat
     try:
         assert server.versions() == [1]
         assert {name for folder, name in replayed if folder == "1"} == set(SIGNATURES)
-        data = images(1)
-        served = client.predict(server.address, MODEL, data)
-        np.testing.assert_allclose([p.probability for p in served], expected(models[0], data)[0], atol=TOLERANCE)
+        assert_serves(server, models[0], images(1))
     finally:
         server.stop()
 
@@ -470,9 +472,7 @@ def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_p
         assert server.versions() == [1]
         shutil.copytree(dirs[1], base / "2", dirs_exist_ok=True)
         _wait_until(lambda: server.versions() == [2])  # loaded by a retry, then version 1 unloaded
-        data = images(2)
-        served = client.predict(server.address, MODEL, data)
-        np.testing.assert_allclose([p.probability for p in served], expected(models[1], data)[0], atol=TOLERANCE)
+        assert_serves(server, models[1], images(2))
     finally:
         server.stop()
 

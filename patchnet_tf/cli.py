@@ -9,7 +9,6 @@ the serving code otherwise.
 import argparse
 import copy
 import importlib
-import os
 import sys
 
 from patchnet_tf.errors import PatchNetError
@@ -63,7 +62,6 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints usage or the error, then exits
         return 2

@@ -28,14 +28,37 @@ def port_number(text):
     return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 
-def positive_float(text):
+def _finite(text, accept, expected):
+    """float(text) if finite and accept(value), else an argparse error saying `expected` (NaN never passes)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):  # NaN and inf would train to NaN
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+        value = math.nan
+    if not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text):
+    return _finite(text, lambda value: value > 0, "a positive finite number")  # NaN, inf would train to NaN
+
+
+def nonnegative_float(text):
+    return _finite(text, lambda value: value >= 0, "a finite number >= 0")
+
+
+def unit_interval(text):
+    """Thresholds, accuracies, AUROCs: 0 to 1."""
+    return _finite(text, lambda value: 0 <= value <= 1, "a number from 0 to 1")
+
+
+def open_unit_interval(text):
+    """A fraction of a split that must leave both parts non-empty."""
+    return _finite(text, lambda value: 0 < value < 1, "a number between 0 and 1 (both excluded)")
+
+
+def zoom_factor(text):
+    return _finite(text, lambda value: value >= 1, "a zoom factor >= 1 (1: no zoom)")
 
 
 def image_size(text):

@@ -9,7 +9,7 @@ call `classify` and `heatmap` over gRPC -> stop the server.
 import os
 import time
 
-from patchnet_tf.flag_types import image_size, port_number, positive_int
+from patchnet_tf.flag_types import image_size, nonnegative_int, port_number, positive_int
 from patchnet_tf.metrics import format_number, format_percent
 
 MODEL_NAME = "patchnet"
@@ -18,10 +18,11 @@ MODEL_NAME = "patchnet"
 def add_arguments(parser):
     parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    parser.add_argument("--epochs", type=positive_int, default=150)
-    parser.add_argument("--patch-size", type=positive_int, default=15)
-    parser.add_argument("--padding", choices=("same", "valid"), default="valid")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=positive_int, default=150, help="most training epochs")
+    parser.add_argument("--patch-size", type=positive_int, default=15, help="patch side in pixels, odd")
+    parser.add_argument("--padding", choices=("same", "valid"), default="valid",
+                        help="valid: exact one-pass heatmaps; same: the paper's subnet")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the data and the training")
     parser.add_argument("--port", type=port_number, default=0, help="local server port (0: a free one)")
 
 

@@ -176,14 +176,14 @@ def _write_png(path, array):
 
 
 def main(argv=None):
-    from patchnet_tf.flag_types import image_size, positive_int
+    from patchnet_tf.flag_types import image_size, nonnegative_int, positive_int
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.textures", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output folder")
     parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
     parser.add_argument("--count", type=positive_int, default=None,
                         help="images per class per split (default: 40 train, 16 val, 16 test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds crops and inlay placement")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="brick",
                         help="brick: brick inlays on grass or gravel; grass: grass inlays on brick or gravel")
     parser.add_argument("--tint", action="store_true",

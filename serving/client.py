@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from patchnet_tf.flag_types import positive_float, positive_int
+from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray, output_stems
 
@@ -87,6 +87,18 @@ def _read(image):
         raise PatchNetError(f"{image}: cannot read ({error.strerror})") from None
 
 
+def _refused(stub, model, names, data, signature, version, deadline):
+    """The images the server refuses on their own, asked one at a time after a batch failed."""
+    refused = []
+    for name, image in zip(names, data):
+        try:
+            stub.Predict(build_request(model, [image], signature, version), timeout=deadline)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                refused.append(name)
+    return refused
+
+
 def predict(server, model, images, signature="classify", *, version=None, deadline=DEFAULT_DEADLINE,
             retries=4, wait=DEFAULT_WAIT, stub=None):
     """Images (paths or encoded bytes) -> list of Prediction; `server` is host:port.
@@ -115,7 +127,12 @@ def predict(server, model, images, signature="classify", *, version=None, deadli
             deadline=deadline, retries=retries,
         )
     except grpc.RpcError as error:
-        raise PatchNetError(f"{server}: {error.code().name}: {error.details()}") from None
+        message = f"{server}: {error.code().name}: {error.details()}"
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT and "image_bytes" in (error.details() or ""):
+            # The server names the input, not the file: the client knows which files it sent.
+            bad = names if len(names) == 1 else _refused(stub, model, names, data, signature, version, deadline)
+            message = f"{', '.join(bad or names)}: {message}"
+        raise PatchNetError(message) from None
     finally:
         if channel is not None:
             channel.close()
@@ -155,11 +172,12 @@ def add_arguments(parser):
     parser.add_argument("--server", default="localhost:8500", help="host:port of the gRPC endpoint")
     parser.add_argument("--model", required=True, help="model name (models.config name)")
     parser.add_argument("--version", type=positive_int, default=None, help="default: the latest served")
-    parser.add_argument("--signature", choices=SIGNATURES, default="classify")
+    parser.add_argument("--signature", choices=SIGNATURES, default="classify",
+                        help="classify: probability and label; heatmap: also writes the heatmap PNGs")
     parser.add_argument("--deadline", type=positive_float, default=DEFAULT_DEADLINE, help="seconds per request")
     parser.add_argument("--wait", type=positive_float, default=DEFAULT_WAIT,
                         help="seconds to wait for a server that is still starting (loading its models)")
-    parser.add_argument("--retries", type=int, default=4, help="retries on UNAVAILABLE, with backoff")
+    parser.add_argument("--retries", type=nonnegative_int, default=4, help="retries on UNAVAILABLE, with backoff")
     parser.add_argument("--out", default="heatmaps", help="folder for heatmap PNGs (heatmap signature)")
 
 

@@ -8,7 +8,6 @@ and `<stem>-overlay.png` (colour map over the preprocessed image); with
 import os
 
 import cv2
-import keras
 import numpy as np
 
 from patchnet_tf.flag_types import positive_int
@@ -18,6 +17,7 @@ from patchnet_tf.explain import explain
 from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray, output_stems
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
+from pipelines.progress import Progress
 
 
 def add_arguments(parser):
@@ -67,7 +67,7 @@ def run(args):
         raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch}")
     paths = list_images(args.images)
     os.makedirs(args.out, exist_ok=True)
-    progress = keras.utils.Progbar(len(paths), unit_name="image")
+    progress = Progress(len(paths), "image", "heatmaps")
     for path, stem in zip(paths, output_stems(paths)):
         image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
         model_input = preprocessing.normalize(image[None]).numpy()

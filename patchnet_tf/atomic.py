@@ -4,6 +4,20 @@ import contextlib
 import os
 import tempfile
 
+from patchnet_tf.errors import PatchNetError
+
+
+def check_output_path(path, flag, *, folder=True):
+    """Refuses, before any work, an output path that cannot be written: `path` (a folder, or with
+    folder=False a file) or a parent of it that exists as the other kind."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise PatchNetError(f"{path}: exists and is {'not ' if folder else ''}a folder ({flag})")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise PatchNetError(f"{parent}: exists and is not a folder ({flag} {path})")
+
 
 @contextlib.contextmanager
 def atomic_path(path):

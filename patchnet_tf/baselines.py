@@ -85,7 +85,7 @@ def build_cam(input_shape, *, width=64):
     (B, H, W, C) images in [0, 1] -> (B, 1) probability of class 1. The class-1
     map lives at 1/8 of the input resolution.
     """
-    _check_input_shape(input_shape, 8, "cam")
+    _check_input_shape(input_shape, "cam")
     images = keras.Input(tuple(input_shape), name="image")
     features = _conv_stack(images, _VGG19_THREE_POOLS, width, CAM_FEATURES)
     pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
@@ -99,7 +99,7 @@ def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropou
     `dense_units` defaults to 64 * width (the paper's 4096 at width 64). The
     paper runs it at 224 x 224; any size divisible by 32 works.
     """
-    _check_input_shape(input_shape, 32, "vgg11")
+    _check_input_shape(input_shape, "vgg11")
     dense_units = dense_units or 64 * width
     images = keras.Input(tuple(input_shape), name="image")
     features = _conv_stack(images, _VGG11[:-1], width, GRADCAM_FEATURES)
@@ -126,15 +126,25 @@ def build(arch, input_shape, *, width=None, **kwargs):
     raise PatchNetError(f"unknown baseline architecture {arch!r}; expected one of {', '.join(ARCHS)}")
 
 
-def _check_input_shape(input_shape, multiple, arch):
-    if len(input_shape) != 3 or any(size is None for size in input_shape[:2]):
-        raise PatchNetError(f"{arch}: input_shape must be (height, width, channels), got {input_shape}")
-    height, width_ = input_shape[:2]
-    if height % multiple or width_ % multiple:
+# What each baseline's poolings divide the image by: its height and width must be multiples of it.
+SIZE_MULTIPLE = {"cam": 8, "vgg11": 32}
+
+
+def check_image_size(arch, image_size):
+    """Refuses an image size the baseline's poolings cannot halve evenly (before any work starts)."""
+    multiple = SIZE_MULTIPLE[arch]
+    height, width = image_size
+    if height % multiple or width % multiple:
         raise PatchNetError(
-            f"{arch}: image size {height}x{width_} must be divisible by {multiple} "
+            f"{arch}: image size {height}x{width} must be divisible by {multiple} "
             f"(its poolings halve it {multiple.bit_length() - 1} times)"
         )
+
+
+def _check_input_shape(input_shape, arch):
+    if len(input_shape) != 3 or any(size is None for size in input_shape[:2]):
+        raise PatchNetError(f"{arch}: input_shape must be (height, width, channels), got {input_shape}")
+    check_image_size(arch, input_shape[:2])
 
 
 def _layer_names(model):

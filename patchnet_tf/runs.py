@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import keras
 
@@ -17,6 +18,8 @@ def load_trained_model(model_path):
     path = os.path.join(model_path, MODEL_FILE) if os.path.isdir(model_path) else model_path
     if not os.path.isfile(path):
         raise PatchNetError(f"{path}: no such model file (a run folder of `patchnet train` or a .keras file)")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise PatchNetError(f"{path}: not a .keras archive (truncated or not a zip file); train or copy it again")
     preprocessing = Preprocessing.for_model(path)
     try:
         model = keras.models.load_model(path, compile=False)

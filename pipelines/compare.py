@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
-from patchnet_tf.flag_types import image_size, positive_float, positive_int
+from patchnet_tf.flag_types import image_size, nonnegative_int, positive_float, positive_int, unit_interval
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
@@ -44,7 +44,7 @@ def add_arguments(parser):
     parser.add_argument("--no-train", action="store_true", help="only load the three runs in --out")
     group = parser.add_argument_group("training (the `patchnet train` flags of all three runs)")
     group.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    group.add_argument("--epochs", type=positive_int, default=150)
+    group.add_argument("--epochs", type=positive_int, default=150, help="most epochs per model")
     group.add_argument("--patience", type=positive_int, default=20,
                        help="counted once the training loss has left ln 2 (as `patchnet train`)")
     group.add_argument("--learning-rate", type=positive_float, default=3e-3,
@@ -54,29 +54,30 @@ def add_arguments(parser):
                        help="CAM and VGG-11 batch (paper: 64)")
     group.add_argument("--baseline-learning-rate", type=positive_float, default=1e-4,
                        help="CAM and VGG-11 Adam learning rate (docs/comparison.md: the grid it was picked from)")
-    group.add_argument("--horizontal-flip", action="store_true")
-    group.add_argument("--vertical-flip", action="store_true")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips (all three models)")
+    group.add_argument("--vertical-flip", action="store_true", help="random up-down flips (all three models)")
+    group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds all three runs")
     group.add_argument("--no-normalize", dest="normalize", action="store_false",
                        help="feed [0, 1] pixels instead of standardized ones (as `patchnet train`)")
     group.add_argument("--stop-at-perfect-accuracy", action="store_true",
                        help="the paper's second stopping rule (as `patchnet train`)")
     group = parser.add_argument_group("PatchNet")
-    group.add_argument("--patch-size", type=positive_int, default=15)
+    group.add_argument("--patch-size", type=positive_int, default=15, help="PatchNet patch side in pixels, odd")
     group.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
     group.add_argument("--padding", choices=("same", "valid"), default="valid",
                        help="valid: exact one-pass heatmaps (docs/padding.md); same: the paper's subnet")
-    group.add_argument("--filters", type=positive_int, default=16)
-    group.add_argument("--conv-layers", type=positive_int, default=3)
+    group.add_argument("--filters", type=positive_int, default=16, help="PatchNet filters per conv layer")
+    group.add_argument("--conv-layers", type=positive_int, default=3, help="PatchNet conv layers")
     group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
                        help="train without patches that hang over the image border (as `patchnet train`)")
     group = parser.add_argument_group("maps and figure")
-    group.add_argument("--threshold", type=float, default=0.5, help="heatmap threshold for Table 2")
+    group.add_argument("--threshold", type=unit_interval, default=0.5, help="heatmap threshold for Table 2")
     group.add_argument("--heatmap-stride", type=positive_int, default=1,
                        help="PatchNet heatmap stride (costly for padding='same' models)")
     group.add_argument("--samples", type=positive_int, default=6, help="images in the figure")
     group.add_argument("--cell", type=positive_int, default=128, help="figure cell size in pixels")
-    group.add_argument("--batch-size-eval", type=positive_int, default=16, dest="eval_batch_size")
+    group.add_argument("--batch-size-eval", type=positive_int, default=16, dest="eval_batch_size",
+                       help="images per batch when evaluating")
 
 
 def run_configs(args):
@@ -93,6 +94,7 @@ def run_configs(args):
         "normalize": args.normalize,
         "stop_at_perfect_accuracy": args.stop_at_perfect_accuracy,
         "heatmap_every": 0,  # compare draws its own figure
+        "skip_bad": None,  # compare has no --skip-bad: a bad file is an error that does not suggest one
     }
     configs = {}
     for arch in ARCHS:
@@ -259,16 +261,23 @@ def log_figure(log_dir, rgb, step=0):
 
 def compare(args):
     """Runs every stage; returns the results dict written to OUT/results.json."""
+    # Everything the three runs and the tables need is checked before the first run trains.
+    configs = run_configs(args)
+    if not args.no_train:
+        from pipelines.train import check_settings
+
+        for config in configs.values():
+            check_settings(config)
     masks_dir = args.masks or os.path.join(args.data, "masks")
     if not os.path.isdir(masks_dir):
         raise PatchNetError(f"{masks_dir}: no mask folder (compare needs masks; pass --masks DIR)")
-    splits = load_dataset(args.data).splits  # checked before three runs are trained, not after
+    splits = load_dataset(args.data, seed=args.seed).splits
     if args.mask_split not in splits:
         raise PatchNetError(f"{args.data}: no {args.mask_split} split for --mask-split {args.mask_split} "
                             f"(it has {', '.join(sorted(splits))})")
+    evaluation.mask_pairs(splits[args.mask_split].paths, masks_dir)  # a missing mask, named now
     total = len(ARCHS) + 3
     stage = lambda number, text: _stage(number, total, text)  # noqa: E731
-    configs = run_configs(args)
     runs = train_or_load(configs, train=not args.no_train, stage=stage)
     names = model_names(args.patch_size)
 

@@ -15,28 +15,29 @@ import keras
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from patchnet_tf.atomic import atomic_write_text
-from patchnet_tf.flag_types import positive_int
+from patchnet_tf.atomic import atomic_write_text, check_output_path
+from patchnet_tf.flag_types import positive_int, unit_interval
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
+from pipelines.progress import Progress
 
 
 
 def add_arguments(parser):
     parser.add_argument("model", help="run folder of `patchnet train` (or its model.keras)")
     parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val, DATA/test)")
-    parser.add_argument("--split", choices=("val", "test", "train"), default="val")
+    parser.add_argument("--split", choices=("val", "test", "train"), default="val", help="which split of DATA")
     parser.add_argument("--masks", default=None, metavar="DIR",
                         help="folder of binary mask PNGs named like the images: adds exact match, recall, AUROC")
-    parser.add_argument("--threshold", type=float, default=0.5, help="heatmap threshold for the mask metrics")
+    parser.add_argument("--threshold", type=unit_interval, default=0.5, help="heatmap threshold for the mask metrics")
     parser.add_argument("--heatmap-stride", type=positive_int, default=1,
                         help="PatchNet heatmap stride; s costs about 1/s^2 of stride 1 for padding='same' models")
     parser.add_argument("--skip-unmasked", action="store_true",
                         help="leave images without a mask file out of the mask metrics instead of failing")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -89,7 +90,8 @@ def classification_metrics(labels, probabilities):
 
 def predict(model, split, preprocessing, batch_size=16):
     """P(class 1) for every image of the split, in order."""
-    dataset = image_dataset(split, preprocessing, batch_size).map(lambda images, labels: images)
+    # skip_bad=None: evaluate and compare have no --skip-bad to suggest.
+    dataset = image_dataset(split, preprocessing, batch_size, skip_bad=None).map(lambda images, labels: images)
     return np.asarray(model.predict(dataset, verbose=0), np.float32).reshape(-1)
 
 
@@ -121,9 +123,7 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
     label for a progress bar, or None for none.
     """
     size = tuple(preprocessing.image_size)
-    bar = keras.utils.Progbar(len(pairs), unit_name="image") if progress and pairs else None
-    if bar is not None:
-        print(progress, flush=True)
+    bar = Progress(len(pairs), "image", progress.strip()) if progress and pairs else None
     inputs, heatmaps, masks = [], [], []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
@@ -134,9 +134,10 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
             images.append(np.asarray(preprocessing.prepare(image), np.float32))
         images = np.stack(images)
         inputs.append(images)
-        heatmaps.append(explain(model, preprocessing.normalize(images).numpy(), stride=heatmap_stride))
-        if bar is not None:
-            bar.add(len(batch))
+        for image in preprocessing.normalize(images).numpy():  # one at a time: progress per image
+            heatmaps.append(explain(model, image[None], stride=heatmap_stride))
+            if bar is not None:
+                bar.add(1)
     if not pairs:
         empty = np.zeros((0, *size), np.float32)
         return np.zeros((0, *size, preprocessing.channels), np.float32), empty, empty.astype(bool)
@@ -199,6 +200,8 @@ def format_results(results):
 
 
 def run(args):
+    if args.json:
+        check_output_path(args.json, "--json", folder=False)
     results = evaluate(
         args.model,
         args.data,

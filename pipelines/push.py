@@ -30,8 +30,8 @@ from google.protobuf import text_format
 from sklearn.metrics import roc_auc_score
 from tensorflow_serving.config import model_server_config_pb2
 
-from patchnet_tf.atomic import atomic_write_text, fsync
-from patchnet_tf.flag_types import positive_int
+from patchnet_tf.atomic import atomic_write_text, check_output_path, fsync
+from patchnet_tf.flag_types import nonnegative_int, open_unit_interval, positive_int, unit_interval
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
@@ -181,6 +181,7 @@ def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_a
          positive_class=None, config_base_path=None, log=print):
     """Runs every step; returns the pushed version (an int). Raises PushError on failure."""
     base_dir = os.path.abspath(base_dir)
+    check_output_path(base_dir, "--base")  # before export, evaluation and validation, not after
     model_name = model_name or os.path.basename(base_dir)
     version = version or _next_version(base_dir)
     if os.path.exists(os.path.join(base_dir, str(version))):
@@ -241,17 +242,20 @@ def add_arguments(parser):
     parser.add_argument("--data", required=True, help="dataset folder; its validation split is used")
     parser.add_argument("--model-name", default=None, help="default: the base folder's name")
     parser.add_argument("--version", type=positive_int, default=None, help="default: highest + 1")
-    parser.add_argument("--min-accuracy", type=float, default=0.0)
-    parser.add_argument("--min-auroc", type=float, default=CHANCE_AUROC,
+    parser.add_argument("--min-accuracy", type=unit_interval, default=0.0,
+                        help="validation accuracy the model must reach to be blessed")
+    parser.add_argument("--min-auroc", type=unit_interval, default=CHANCE_AUROC,
                         help="the AUROC must be above this; 0.5 refuses a model no better than chance, "
                         "0 allows any")
-    parser.add_argument("--tolerance", type=float, default=0.01,
+    parser.add_argument("--tolerance", type=unit_interval, default=0.01,
                         help="how much worse than the served version a candidate may be")
-    parser.add_argument("--heatmap-stride", type=positive_int, default=1)
-    parser.add_argument("--val-fraction", type=float, default=None,
+    parser.add_argument("--heatmap-stride", type=positive_int, default=1, help="stride of the exported heatmap signatures")
+    parser.add_argument("--val-fraction", type=open_unit_interval, default=None,
                         help="default: the run's train_config.json, else 0.2")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--positive-class", default=None)
+    parser.add_argument("--seed", type=nonnegative_int, default=None,
+                        help="split seed (default: the run's train_config.json, else 0)")
+    parser.add_argument("--positive-class", default=None,
+                        help="class folder that is class 1 (default: the run's, else the second in sorted order)")
     parser.add_argument("--config-base-path", default=None,
                         help="base_path written to models.config (default /models/<base folder name>)")
 

@@ -140,12 +140,14 @@ def _write_hparams_config(out, points):
 
 def sweep(config):
     """Trains every setting (resuming finished or interrupted runs); returns the table rows."""
-    from pipelines.train import train
+    from pipelines.train import check_settings, train
 
     points = settings(config)
+    base = {key: value for key, value in config.items() if key not in ("archs", "patch_sizes", "learning_rates")}
+    for name, overrides in points:  # every run's settings, before the first one trains
+        check_settings({**base, **overrides, "out": os.path.join(config["out"], run_folder_name(name))})
     os.makedirs(config["out"], exist_ok=True)
     _write_hparams_config(config["out"], points)
-    base = {key: value for key, value in config.items() if key not in ("archs", "patch_sizes", "learning_rates")}
     rows = []
     for index, (name, overrides) in enumerate(points, start=1):
         run_dir = os.path.join(config["out"], run_folder_name(name))

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -357,6 +358,20 @@ class LocalServer:
         self._server.wait_for_termination()
 
 
+def _check_port_free(host, port):
+    """gRPC prints a native error line of its own before it fails on a busy port: ask the OS first."""
+    if port == 0:
+        return
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            raise PatchNetError(f"cannot bind {host}:{port} ({error.strerror or error})") from None
+
+
 def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_seconds=1.0,
                  num_versions=1, workers=8, max_load_retries=5, load_retry_interval=60.0):
     """Starts serving BASE/<version> folders; port 0 picks a free port (see `.port`)."""
@@ -377,6 +392,7 @@ def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_se
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
+    _check_port_free(host, port)
     try:  # before loading any model: a busy port fails in a second, not after the load
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

@@ -338,6 +338,11 @@ def test_client_cli_writes_json_and_heatmaps(served, tmp_path, capsys):
         assert cv2.imread(str(tmp_path / "maps" / f"img{index}-overlay.png")).shape == (32, 32, 3)
     assert cli_main(["predict", "--server", server.address, "--model", "nope", paths[0]]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a PNG")
+    assert cli_main(["predict", "--server", server.address, "--model", MODEL, paths[0], str(junk), paths[1]]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"patchnet predict: error: {junk}: ") and "INVALID_ARGUMENT" in error[0]
 
 
 def test_client_retries_unavailable_then_reports():

@@ -1,0 +1,195 @@
+"""Bad input to every command, as a new user types it: one line naming the input, exit 2, nothing left.
+
+Each case runs `python -m patchnet_tf ...` in a subprocess, as a user would, and checks: exit status 2,
+exactly one line on stderr, no traceback, the line names what was wrong, and the folder the command
+would write to is absent or unchanged afterwards. The cases run two at a time (one per core).
+"""
+
+import concurrent.futures
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from patchnet_tf import baselines, cli
+from patchnet_tf.synthetic import write_appendix_a_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--patch-size", "9", "--filters", "4", "--conv-layers", "2", "--image-size", "32", "--batch-size", "4"]
+TINY_COMPARE = ["--patch-size", "9", "--filters", "4", "--conv-layers", "2", "--epochs", "1"]
+
+# (case id, argv with {placeholders}, text the one error line must contain, the output path that must not change)
+CASES = [
+    # --- arguments (rule 1 and 2: refused before any work)
+    ("unknown-command", ["fly"], "invalid choice: 'fly'", None),
+    ("train-epochs-word", ["train", "{data}", "--out", "{new}", "--epochs", "many"], "--epochs", "{new}"),
+    ("train-learning-rate-inf", ["train", "{data}", "--out", "{new}", "--learning-rate", "inf"], "--learning-rate", "{new}"),
+    ("train-learning-rate-nan", ["train", "{data}", "--out", "{new}", "--learning-rate", "nan"], "--learning-rate", "{new}"),
+    ("train-rotation-nan", ["train", "{data}", "--out", "{new}", "--rotation", "nan"], "--rotation", "{new}"),
+    ("train-zoom-below-1", ["train", "{data}", "--out", "{new}", "--zoom", "0.5"], "--zoom", "{new}"),
+    ("train-val-fraction-1", ["train", "{data}", "--out", "{new}", "--val-fraction", "1"], "--val-fraction", "{new}"),
+    ("train-seed-negative", ["train", "{data}", "--out", "{new}", "--seed", "-1"], "--seed", "{new}"),
+    ("train-image-size", ["train", "{data}", "--out", "{new}", "--image-size", "big"], "HEIGHTxWIDTH", "{new}"),
+    ("train-padding", ["train", "{data}", "--out", "{new}", "--padding", "reflect"], "--padding", "{new}"),
+    ("train-patch-over-image", ["train", "{data}", "--out", "{new}", *TINY, "--patch-size", "33"],
+     "--patch-size 33 is larger than the image", "{new}"),
+    ("train-region-over-image", ["train", "{data}", "--out", "{new}", *TINY, "--region", "40x40"], "--region", "{new}"),
+    ("train-missing-data", ["train", "{tmp}/nowhere", "--out", "{new}"], "nowhere: no such data folder", "{new}"),
+    ("train-out-is-file", ["train", "{data}", "--out", "{file}", *TINY, "--epochs", "1"], "{file}", "{file}"),
+    ("train-corrupt-tiff", ["train", "{tiff_data}", "--out", "{new}", *TINY, "--epochs", "1"], "zz-broken.tif", "{new}"),
+    ("train-bad-image", ["train", "{broken_data}", "--out", "{new}", *TINY, "--epochs", "1"],
+     "zz-broken.png: missing or not a decodable image", "{new}"),
+    ("train-skip-bad-empties-a-class", ["train", "{one_class_broken}", "--out", "{new}", *TINY, "--skip-bad"],
+     "square", "{new}"),
+    ("train-no-images", ["train", "{no_images}", "--out", "{new}", *TINY], "notes.txt", "{new}"),
+    ("train-multiworker-without-tf-config", ["train", "{data}", "--out", "{new}", *TINY, "--strategy", "multiworker"],
+     "TF_CONFIG", "{new}"),
+    # --- heatmap
+    ("heatmap-missing-image", ["heatmap", "{tmp}/gone.png", "--model", "{run}", "--out", "{new}"], "gone.png", "{new}"),
+    ("heatmap-undecodable", ["heatmap", "{junk}", "--model", "{run}", "--out", "{new}"], "junk.png", "{new}"),
+    ("heatmap-missing-model", ["heatmap", "{image}", "--model", "{tmp}/none.keras", "--out", "{new}"], "none.keras", "{new}"),
+    ("heatmap-truncated-model", ["heatmap", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
+    ("heatmap-filters-on-cam", ["heatmap", "{image}", "--model", "{cam}", "--out", "{new}", "--filters"],
+     "--filters needs a PatchNet", "{new}"),
+    ("heatmap-out-is-file", ["heatmap", "{image}", "--model", "{run}", "--out", "{file}"], "{file}", "{file}"),
+    ("heatmap-stride-zero", ["heatmap", "{image}", "--model", "{run}", "--out", "{new}", "--stride", "0"], "--stride", "{new}"),
+    # --- evaluate
+    ("evaluate-corrupt-config", ["evaluate", "{corrupt_run}", "{data}"], "train_config.json", None),
+    ("evaluate-json-is-folder", ["evaluate", "{run}", "{data}", "--json", "{tmp}"], "{tmp}", None),
+    ("evaluate-threshold-nan", ["evaluate", "{run}", "{data}", "--threshold", "nan"], "--threshold", None),
+    ("evaluate-missing-run", ["evaluate", "{tmp}/norun", "{data}"], "norun", None),
+    ("evaluate-bad-image", ["evaluate", "{run}", "{split_broken}"], "zz-broken.png", None),
+    # --- export and push
+    ("export-missing-run", ["export", "{tmp}/norun", "--out", "{new}"], "norun", "{new}"),
+    ("push-base-is-file", ["push", "{run}", "--base", "{file}", "--data", "{data}"], "{file}", "{file}"),
+    ("push-min-auroc-2", ["push", "{run}", "--base", "{new}", "--data", "{data}", "--min-auroc", "2"], "--min-auroc", "{new}"),
+    # --- serve and predict
+    ("serve-port-out-of-range", ["serve", "{tmp}", "--port", "70000"], "--port", None),
+    ("serve-port-in-use", ["serve", "{base}", "--port", "{busy_port}"], "{busy_port}", None),
+    ("serve-missing-base", ["serve", "{tmp}/nobase", "--port", "0"], "nobase", None),
+    ("predict-no-server", ["predict", "{image}", "--model", "tiny", "--server", "127.0.0.1:{free_port}", "--wait", "0.5"],
+     "127.0.0.1:{free_port}", None),
+    ("predict-missing-image", ["predict", "{tmp}/gone.png", "--model", "tiny", "--server", "127.0.0.1:{free_port}"],
+     "gone.png", None),
+    ("predict-retries-negative", ["predict", "{image}", "--model", "tiny", "--retries", "-1"], "--retries", None),
+    # --- multi-run commands: everything checked before the first run trains
+    ("compare-image-too-small", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--image-size", "8", "--masks", "{tmp}"],
+     "--image-size", "{new}"),
+    ("compare-out-is-file", ["compare", "{data}", "--out", "{file}", *TINY_COMPARE, "--masks", "{tmp}"], "{file}", "{file}"),
+    ("compare-missing-mask", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--masks", "{tmp}"], "no mask", "{new}"),
+    ("sweep-a-later-patch-too-big", ["sweep", "{data}", "--out", "{new}", *TINY, "--patch-sizes", "3,40"],
+     "40", "{new}"),
+    ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
+    ("demo-out-is-file", ["demo", "--out", "{file}"], "{file}", "{file}"),
+]
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """The files and folders the cases name: a dataset, runs, broken copies, a busy port."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    data = write_appendix_a_dataset(str(tmp / "data"), copies=4, image_size=32, square_size=16)
+    run = str(tmp / "run")
+    assert cli.main(["train", data, "--out", run, *TINY, "--epochs", "1"]) == 0
+    places = {"tmp": str(tmp), "data": data, "run": run, "file": str(tmp / "a-file")}
+    with open(places["file"], "w") as file:
+        file.write("not a folder")
+    places["image"] = os.path.join(data, "square", "000.png")
+    places["junk"] = str(tmp / "junk.png")
+    with open(places["junk"], "wb") as file:
+        file.write(b"this is not a PNG")
+
+    broken = shutil.copytree(data, tmp / "broken")
+    (broken / "black" / "zz-broken.png").write_bytes(b"this is not a PNG")
+    places["broken_data"] = str(broken)
+    tiff_data = shutil.copytree(data, tmp / "tiff")
+    (tiff_data / "black" / "zz-broken.tif").write_bytes(b"II*\x00 truncated")  # libtiff has its own error lines
+    places["tiff_data"] = str(tiff_data)
+    split_broken = tmp / "split-broken"
+    for split in ("train", "val"):
+        shutil.copytree(data, split_broken / split)
+    (split_broken / "val" / "black" / "zz-broken.png").write_bytes(b"this is not a PNG")
+    places["split_broken"] = str(split_broken)
+    one_class_broken = shutil.copytree(data, tmp / "one-class-broken")
+    for path in (one_class_broken / "square").iterdir():
+        path.write_bytes(b"truncated")
+    places["one_class_broken"] = str(one_class_broken)
+    no_images = tmp / "no-images"
+    for name in ("a", "b"):
+        (no_images / name).mkdir(parents=True)
+        (no_images / name / "notes.txt").write_text("not an image")
+    places["no_images"] = str(no_images)
+
+    truncated = shutil.copytree(run, tmp / "truncated")
+    model_bytes = (truncated / "model.keras").read_bytes()
+    (truncated / "model.keras").write_bytes(model_bytes[: len(model_bytes) // 2])
+    places["truncated"] = str(truncated / "model.keras")
+    corrupt_run = shutil.copytree(run, tmp / "corrupt-run")
+    (corrupt_run / "train_config.json").write_text('{"patch_size": 9,')
+    places["corrupt_run"] = str(corrupt_run)
+    cam = tmp / "cam"
+    cam.mkdir()
+    baselines.build("cam", (32, 32, 3), width=1).save(str(cam / "model.keras"))
+    shutil.copy(os.path.join(run, "preprocessing.json"), cam)
+    places["cam"] = str(cam)
+    base = tmp / "base" / "tiny"
+    base.mkdir(parents=True)
+    places["base"] = str(base)
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    places["busy_port"] = str(busy.getsockname()[1])
+    places["free_port"] = str(_free_port())
+    yield places
+    busy.close()
+
+
+def _snapshot(path):
+    if path is None or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        with open(path, "rb") as file:
+            return file.read()
+    return sorted((folder, sorted(files)) for folder, _, files in os.walk(path))
+
+
+@pytest.fixture(scope="module")
+def outcomes(places):
+    """Runs every case once (two at a time); {case id: (exit code, stderr lines, output before, after)}."""
+    env = {key: value for key, value in os.environ.items() if key not in ("TF_CONFIG", "TF_CPP_MIN_LOG_LEVEL")}
+    env["PYTHONPATH"] = ROOT
+
+    def run(case):
+        name, argv, _, watched = case
+        names = {**places, "new": os.path.join(places["tmp"], f"out-{name}")}
+        argv = [part.format(**names) for part in argv]
+        out = watched.format(**names) if watched else None
+        before = _snapshot(out)
+        result = subprocess.run([sys.executable, "-m", "patchnet_tf", *argv], env=env, cwd=places["tmp"],
+                                capture_output=True, text=True, timeout=600)
+        return name, (result.returncode, result.stderr.strip().splitlines(), before, _snapshot(out))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, CASES))
+
+
+@pytest.mark.parametrize("name, argv, expected, watched", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, name, argv, expected, watched):
+    code, lines, before, after = outcomes[name]
+    expected = expected.format(**places)
+    assert code == 2, (code, lines[-5:])
+    assert len(lines) == 1, lines
+    assert "Traceback" not in lines[0]
+    assert lines[0].startswith("patchnet"), lines[0]
+    assert expected in lines[0], lines[0]
+    assert after == before, f"{watched} changed"

@@ -193,18 +193,26 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
             self._writer = None
 
 
+def backed_up_epochs(backup_dir):
+    """How many epochs the backup in `backup_dir` holds (0: none, a fresh run)."""
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as file:
+            return int(json.load(file)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def trim_csv_log(csv_path, backup_dir):
     """Drops history rows of epochs the backup does not hold.
 
     A kill after `CSVLogger` wrote an epoch's row but before that epoch's
     backup landed makes the resumed run train (and log) that epoch again.
     """
+    finished = backed_up_epochs(backup_dir)
     try:
-        with open(os.path.join(backup_dir, "training_metadata.json")) as file:
-            finished = json.load(file)["epoch"]
         with open(csv_path) as file:
             lines = file.read().splitlines(keepends=True)
-    except (OSError, ValueError, KeyError):
+    except OSError:
         return
     kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) < finished]
     if kept != lines:

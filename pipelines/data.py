@@ -25,6 +25,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
 DATASET_FILE = "dataset.json"  # optional: {"class_names": [class 0, class 1]}
 
+# OpenCV prints libtiff's own "[ERROR] TIFFFetchDirectory" lines for a corrupt TIFF; every
+# undecodable file is reported here, by name, once (or listed under --skip-bad).
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 
 @dataclasses.dataclass
 class Split:
@@ -55,13 +59,15 @@ def _list_split(root, class_names):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             raise PatchNetError(f"{root}: missing class folder {name!r}")
-        files = sorted(
-            os.path.join(folder, file)
-            for file in os.listdir(folder)
-            if file.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        names = sorted(os.listdir(folder))
+        files = [os.path.join(folder, file) for file in names if file.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
-            raise PatchNetError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            others = [file for file in names if os.path.isfile(os.path.join(folder, file))]
+            found = f"; its {len(others)} file(s) are not images: {', '.join(others[:5])}" if others else "; it is empty"
+            raise PatchNetError(
+                f"{folder}: no images{found}. Each class folder needs image files "
+                f"({', '.join(IMAGE_EXTENSIONS)})"
+            )
         paths += files
         labels += [label] * len(files)
     return Split(paths, np.array(labels, np.int64))
@@ -310,6 +316,30 @@ def _report_skipped(name, bad):
     print(f"skipped {len(bad)} undecodable file(s) in {name}: {shown}", file=sys.stderr)
 
 
+def epoch_order(labels, seed, epoch, *, shuffle, balance, draws):
+    """The indices into a split that one epoch visits: a pure function of (seed, epoch).
+
+    Not tf.data's reshuffling, whose state starts over in a new process: a run resumed after
+    epoch N (a new process) sees epoch N + 1 exactly as an uninterrupted run does. With
+    `balance`, `draws` picks alternate classes in shuffled order, each class cycling through
+    its own reshuffled members.
+    """
+    if not shuffle:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, epoch])
+    if not balance:
+        return rng.permutation(len(labels))
+    classes = np.unique(labels)
+    choice = rng.permutation(np.arange(draws) % len(classes))
+    order = np.empty(draws, np.int64)
+    for position, label in enumerate(classes):
+        members = np.flatnonzero(labels == label)
+        wanted = int(np.sum(choice == position))
+        cycles = [rng.permutation(members) for _ in range(-(-wanted // len(members)))]
+        order[choice == position] = np.concatenate(cycles)[:wanted]
+    return order
+
+
 def image_dataset(
     split,
     preprocessing,
@@ -324,20 +354,25 @@ def image_dataset(
     name="data",
     on_skip=_report_skipped,
     cache_limit_bytes=2 << 30,
+    epochs=(0, 1),
 ):
     """(images, labels[, masks]) batches: decoded in parallel, preprocessed, prefetched.
 
     Every file is decoded once up front: an undecodable (or missing) file
-    stops with an error naming it, or with `skip_bad` is left out and
-    reported through `on_skip(name, paths)`. That pass also fills the
+    stops with an error naming it (suggesting --skip-bad unless `skip_bad` is
+    None: the caller has no such flag), or with `skip_bad` is left out and
+    reported through `on_skip(name, paths)`; a class left with no image is an
+    error. That pass also fills the
     in-memory cache when the preprocessed split fits (`cache="auto"`, up to
     `cache_limit_bytes` and half the free memory; "memory" forces it, "off"
     decodes every epoch).
 
-    `balance` (training): each epoch draws the same number of images from
-    every class, in shuffled order, len(split) images in all, whatever the
-    class ratio on disk; each class is reshuffled as it repeats. Labels are
-    float32 (B, 1); masks float32 (B, H, W, 1) of 0 / 1 when `mask_dir` is given.
+    The dataset holds epochs `first` to `last - 1` (`epochs=(first, last)`)
+    back to back, each in its own `epoch_order`; with `shuffle`, every epoch
+    in a different order. `balance` (training): each epoch draws the same
+    number of images from every class, in shuffled order, len(split) images
+    in all, whatever the class ratio on disk. Labels are float32 (B, 1);
+    masks float32 (B, H, W, 1) of 0 / 1 when `mask_dir` is given.
     """
     if cache not in ("auto", "memory", "off"):
         raise ValueError(f"cache must be 'auto', 'memory' or 'off', got {cache!r}")
@@ -352,53 +387,49 @@ def image_dataset(
         if not skip_bad:
             what = f" (or its mask {mask_paths[bad_indices[0]]})" if mask_paths else ""
             others = f"; {len(bad) - 1} more bad file(s)" if len(bad) > 1 else ""
+            hint = "; --skip-bad leaves such files out" if skip_bad is False else ""
             raise PatchNetError(
-                f"{bad[0]}{what}: missing or not a decodable image (JPEG, PNG, BMP, GIF or TIFF){others}; "
-                "--skip-bad leaves such files out"
+                f"{bad[0]}{what}: missing or not a decodable image (JPEG, PNG, BMP, GIF or TIFF){others}{hint}"
+            )
+        emptied = sorted(set(split.labels.tolist()) - set(split.labels[good].tolist()))
+        if emptied:  # training on the classes that are left would "succeed" at a different task
+            first_bad = next(path for path, label in zip(split.paths, split.labels) if label == emptied[0])
+            raise PatchNetError(
+                f"{name}: no decodable image left in {os.path.dirname(first_bad)} after skipping "
+                f"{len(bad)} undecodable file(s) (e.g. {first_bad})"
             )
         on_skip(name, bad)
         split = Split([split.paths[index] for index in good], split.labels[good])
         mask_paths = [mask_paths[index] for index in good] if mask_paths is not None else None
-        if len(split) == 0:
-            raise PatchNetError(f"{name}: no decodable images")
 
-    def source(indices):
-        if keep:
-            return tf.data.Dataset.from_tensor_slices(tuple(array[indices] for array in arrays))
-        subset = Split([split.paths[index] for index in indices], split.labels[indices])
-        masks = [mask_paths[index] for index in indices] if mask_paths is not None else None
-        return _slices(subset, masks)
+    if keep:  # the decode pass's preprocessed tensors
+        columns = tuple(tf.constant(array) for array in arrays)
+    else:
+        columns = (tf.constant(split.paths), tf.constant(split.labels))
+        columns += (tf.constant(mask_paths),) if mask_paths is not None else ()
+    load = _loader(preprocessing, mask_paths is not None)
 
-    def decode(dataset):
-        if keep:
-            return dataset
-        load = _loader(preprocessing, mask_paths is not None)
-        return dataset.map(lambda *columns: load(*columns),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def element(index):
+        picked = tuple(tf.gather(column, index) for column in columns)
+        return picked if keep else load(*picked)
 
+    batches = -(-len(split) // batch_size)
+    draws = batches * batch_size if balance else len(split)
+
+    def one_epoch(epoch):
+        order = tf.numpy_function(
+            lambda epoch: epoch_order(split.labels, seed, int(epoch), shuffle=shuffle, balance=balance, draws=draws),
+            [epoch], tf.int64, stateful=False,
+        )
+        order.set_shape([draws])
+        return (tf.data.Dataset.from_tensor_slices(order)
+                .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .batch(batch_size))
+
+    first, last = epochs
+    dataset = tf.data.Dataset.range(first, last).flat_map(one_epoch)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches * (last - first)))
     options = tf.data.Options()
     # Sharding by data, not files: the sources are in-memory tensors or a path list.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    batches = -(-len(split) // batch_size)
-    if balance:
-        classes = np.unique(split.labels)
-        per_class = [
-            source(np.flatnonzero(split.labels == label))
-            .shuffle(int(np.sum(split.labels == label)), seed=seed + int(label), reshuffle_each_iteration=True)
-            .repeat()
-            for label in classes
-        ]
-        draws = batches * batch_size
-        choice = (
-            tf.data.Dataset.range(draws)
-            .map(lambda index: index % len(classes))
-            .shuffle(draws, seed=seed, reshuffle_each_iteration=True)
-        )
-        dataset = decode(tf.data.Dataset.choose_from_datasets(per_class, choice))
-        dataset = dataset.batch(batch_size).apply(tf.data.experimental.assert_cardinality(batches))
-    else:
-        dataset = source(np.arange(len(split)))
-        if shuffle:
-            dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-        dataset = decode(dataset).batch(batch_size)
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

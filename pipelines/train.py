@@ -24,9 +24,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from patchnet_tf.atomic import atomic_write_text, remove_stale_temporaries
+from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
+from patchnet_tf import baselines
 from patchnet_tf.augment import Augmentation, AugmentedModel
-from patchnet_tf.flag_types import image_size, positive_float, positive_int
+from patchnet_tf.flag_types import (
+    image_size,
+    nonnegative_float,
+    nonnegative_int,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    zoom_factor,
+)
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.model import build_patchnet
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
@@ -38,6 +47,7 @@ from pipelines.callbacks import (
     EpochSeconds,
     StopAtPerfectAccuracy,
     TensorBoardHeatmaps,
+    backed_up_epochs,
     trim_csv_log,
 )
 from pipelines.data import Split, image_dataset, load_dataset
@@ -70,23 +80,25 @@ def add_training_arguments(parser):
     parser.add_argument("--shades-of-gray", type=positive_float, default=None, metavar="NORM",
                         help="Shades of Gray colour constancy with this Minkowski norm, e.g. 6")
     parser.add_argument("--positive-class", default=None, help="class folder that is class 1")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--epochs", type=positive_int, default=100)
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-4)
+    parser.add_argument("--val-fraction", type=open_unit_interval, default=0.2,
+                        help="share of each class held out for validation when DATA has no val/ folder")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per step (paper: 4)")
+    parser.add_argument("--epochs", type=positive_int, default=100, help="most epochs; stopping may end sooner")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
     parser.add_argument("--patience", type=positive_int, default=20,
                         help="epochs without a better val_loss before stopping, counted once the training "
                         "loss has left the ln 2 plateau (paper: 1000)")
     parser.add_argument("--stop-at-perfect-accuracy", action="store_true",
                         help="the paper's second rule: stop when training accuracy reaches 100 %%")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seeds the split, the shuffle, augmentation and the initial weights")
     parser.add_argument("--no-normalize", dest="normalize", action="store_false",
                         help="feed [0, 1] pixels instead of standardizing each channel with the training "
                         "split's mean and standard deviation (saved in preprocessing.json)")
     group = parser.add_argument_group("augmentation (training step only; never in the saved model)")
-    group.add_argument("--rotation", type=float, default=0.0, metavar="DEGREES",
+    group.add_argument("--rotation", type=nonnegative_float, default=0.0, metavar="DEGREES",
                        help="random rotation up to this angle either way (paper, dermoscopy: 180)")
-    group.add_argument("--zoom", type=float, default=1.0, metavar="FACTOR",
+    group.add_argument("--zoom", type=zoom_factor, default=1.0, metavar="FACTOR",
                        help="random zoom-in up to this factor (paper, dermoscopy: 1.2)")
     group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips")
     group.add_argument("--vertical-flip", action="store_true", help="random up-down flips")
@@ -107,21 +119,23 @@ def add_training_arguments(parser):
                        help="mirrored: all local GPUs; multiworker: several machines (reads TF_CONFIG). "
                        "--batch-size is the global batch")
     group = parser.add_argument_group("TensorBoard")
-    group.add_argument("--heatmap-every", type=int, default=5, metavar="EPOCHS",
+    group.add_argument("--heatmap-every", type=nonnegative_int, default=5, metavar="EPOCHS",
                        help="log validation heatmaps every N epochs (0: never)")
-    group.add_argument("--heatmap-images", type=int, default=4, metavar="COUNT",
+    group.add_argument("--heatmap-images", type=nonnegative_int, default=4, metavar="COUNT",
                        help="how many fixed validation images (half per class) to log")
 
 
 def add_model_arguments(parser):
-    parser.add_argument("--arch", choices=("patchnet", "cam", "vgg11"), default="patchnet")
+    parser.add_argument("--arch", choices=("patchnet", "cam", "vgg11"), default="patchnet",
+                        help="patchnet: the paper's model; cam and vgg11 (Grad-CAM): the baselines")
     parser.add_argument("--width", type=positive_int, default=None,
                         help="cam / vgg11: filters of the first block (paper: 64; default: 16, CPU-sized)")
-    parser.add_argument("--patch-size", type=positive_int, default=21)
+    parser.add_argument("--patch-size", type=positive_int, default=21, help="patch side in pixels, odd (paper: 21)")
     parser.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
-    parser.add_argument("--padding", choices=("same", "valid"), default="same")
-    parser.add_argument("--filters", type=positive_int, default=64)
-    parser.add_argument("--conv-layers", type=positive_int, default=7)
+    parser.add_argument("--padding", choices=("same", "valid"), default="same",
+                        help="same: the paper's subnet; valid: exact one-pass heatmaps (docs/padding.md)")
+    parser.add_argument("--filters", type=positive_int, default=64, help="filters per conv layer of the subnet (paper: 64)")
+    parser.add_argument("--conv-layers", type=positive_int, default=7, help="conv layers of the subnet (paper: 7)")
     parser.add_argument("--region", type=image_size, default=None,
                         help="only patches from the central HEIGHTxWIDTH vote (paper Appendix F)")
 
@@ -169,6 +183,39 @@ def _check_resume(out, config):
             f"{out} holds a run with different settings ({', '.join(changed)}); "
             "use a new --out folder or the same flags to resume"
         )
+
+
+def check_settings(config):
+    """Checks a run's settings against each other and lists its data; returns the dataset.
+
+    Nothing is decoded or written. Commands that train several runs (compare, sweep) call this for
+    every run first, so a setting that would fail the third run fails before the first one trains.
+    """
+    config = {**train_defaults(), **config}
+    check_output_path(config["out"], "--out")
+    height, width = config["image_size"]
+    if config["arch"] != "patchnet":
+        baselines.check_image_size(config["arch"], (height, width))
+    else:
+        patch_size = config["patch_size"]
+        if patch_size > min(height, width):
+            raise PatchNetError(
+                f"--patch-size {patch_size} is larger than the image ({min(height, width)} px after resizing)"
+            )
+        if config["stride"] is not None and config["stride"] > patch_size:
+            raise PatchNetError(f"--stride {config['stride']} is larger than --patch-size {patch_size}: "
+                                "training patches would leave pixels out")
+        region = config["region"]
+        if region is not None and not (patch_size <= min(region) and region[0] <= height and region[1] <= width):
+            raise PatchNetError(f"--region {region[0]}x{region[1]} must fit in the image ({height}x{width}) "
+                                f"and hold a patch ({patch_size} px)")
+    return load_dataset(
+        config["data"],
+        positive_class=config["positive_class"],
+        image_dir=config["images"],
+        val_fraction=config["val_fraction"],
+        seed=config["seed"],
+    )
 
 
 def mixed_precision_policy(choice):
@@ -241,8 +288,11 @@ def _heatmap_examples(split, preprocessing, count):
     if not picks:
         return None, None
     subset = Split([split.paths[index] for index in picks], split.labels[picks])
-    batches = list(image_dataset(subset, preprocessing, max(1, len(subset)), cache="memory",
-                                 skip_bad=True, on_skip=lambda *_: None, name="heatmap images"))
+    try:
+        batches = list(image_dataset(subset, preprocessing, max(1, len(subset)), cache="memory",
+                                     skip_bad=True, on_skip=lambda *_: None, name="heatmap images"))
+    except PatchNetError:  # every pick of a class was skipped as bad: no example images, training goes on
+        return None, None
     return batches[0] if batches else (None, None)
 
 
@@ -258,40 +308,29 @@ def train(config):
     previous_policy = keras.mixed_precision.global_policy()
     strategy = distribution_strategy(config["strategy"])
     keras.utils.set_random_seed(config["seed"])
-    dataset = load_dataset(
-        config["data"],
-        positive_class=config["positive_class"],
-        image_dir=config["images"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-    )
+    dataset = check_settings(config)
     preprocessing = Preprocessing(
         image_size=tuple(config["image_size"]),
         gamma=config["gamma"],
         shades_of_gray_norm=config["shades_of_gray"],
         class_names=dataset.class_names,
     )
-    smallest = min(preprocessing.image_size)
-    if config["arch"] == "patchnet" and config["patch_size"] > smallest:
-        raise PatchNetError(
-            f"--patch-size {config['patch_size']} is larger than the image ({smallest} px after resizing)"
-        )
-    for name in ("rotation", "zoom"):
-        if config[name] < (0.0 if name == "rotation" else 1.0):
-            raise PatchNetError(f"--{name} must be at least {0 if name == 'rotation' else 1}, got {config[name]}")
     _check_resume(out, config)
     data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
     if config["normalize"]:
         preprocessing = fit_normalization(preprocessing, dataset.splits["train"], config["seed"])
-    # Every file is decoded here, before anything is written: a bad image leaves no run behind.
-    train_data = image_dataset(
-        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
-        balance=config["balance"], name="train", **data_options,
-    )
-    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"], name="val", **data_options)
     chief = _is_chief(strategy)
     # Other workers of a multi-worker run write to a scratch folder of their own.
     run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
+    # The epochs still to train, each in the order an uninterrupted run gives it (resume is exact).
+    first_epoch = backed_up_epochs(os.path.join(run_dir, "backup"))
+    epochs = (first_epoch, max(config["epochs"], first_epoch + 1))
+    # Every file is decoded here, before anything is written: a bad image leaves no run behind.
+    train_data = image_dataset(
+        dataset.splits["train"], preprocessing, config["batch_size"], shuffle=True,
+        balance=config["balance"], name="train", epochs=epochs, **data_options,
+    )
+    val_data = image_dataset(dataset.splits["val"], preprocessing, config["batch_size"], name="val", **data_options)
     os.makedirs(run_dir, exist_ok=True)
     if chief:
         for folder in (out, os.path.join(out, "backup")):  # what a kill -9 of an earlier try left
@@ -312,6 +351,7 @@ def train(config):
         callbacks = _callbacks(config, run_dir, dataset, preprocessing)
         history = trainer.fit(
             train_data,
+            steps_per_epoch=int(train_data.cardinality()) // (epochs[1] - epochs[0]),
             validation_data=val_data,
             epochs=config["epochs"],
             callbacks=callbacks,

@@ -55,12 +55,37 @@ def test_every_command_has_help_showing_every_default(capsys, command):
     parser = cli.Parser(prog=command)
     module.add_arguments(parser)
     for action in parser._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
         if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
                 and not isinstance(action.default, bool):
             flag = max(action.option_strings, key=len)
             entry = re.search(rf"\n  (?:-\w, )?{flag}\b(.*?)(?=\n  -|\n\n|\Z)", out, re.S)
             wanted = "".join(f"default: {action.default}".split())  # help wraps at spaces and hyphens
             assert entry and wanted in "".join(entry.group(1).split()), flag
+
+
+def test_start_up_prints_no_native_tensorflow_lines():
+    """A healthy start on a CPU machine shows nothing that reads like a failure (e.g. cuInit)."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-m", "patchnet_tf", "--help"], env={**env, "PYTHONPATH": ROOT},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: patchnet" in result.stdout
+    assert result.stderr == ""
+
+
+def test_start_up_noise_filter_keeps_real_errors():
+    from patchnet_tf.quiet_start import START_UP_NOISE
+
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1796280081.074580    3839 port.cc:153] oneDNN custom operations are on. You may see ...",
+        "I0000 00:00:1796280081.074995    3839 cudart_stub.cc:31] Could not find cuda drivers on your machine",
+        "E0000 00:00:1764580000.000000    1234 cuda_executor.cc:1309] failed call to cuInit: INTERNAL: CUDA error",
+    ]
+    real = ["E0000 00:00:1796280081.1 1 op_kernel.cc:1] OP_REQUIRES failed: out of memory",
+            "ImportError: libcudart.so.12: cannot open shared object file"]
+    assert all(START_UP_NOISE.search(line) for line in noise)
+    assert not any(START_UP_NOISE.search(line) for line in real)
 
 
 def test_a_bad_flag_is_one_line_not_the_usage_block(capsys, tmp_path):
@@ -207,11 +232,13 @@ def _backup_epoch(run):
 
 
 def test_training_resumes_after_kill_9(dataset, tmp_path):
-    """A run killed mid-training continues from its last finished epoch."""
+    """A run killed mid-training continues from its last finished epoch and ends as if never killed."""
     run = str(tmp_path / "run")
     command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "8",
                "--patience", "100", *TINY]
     env = {**os.environ, "PYTHONPATH": ROOT}
+    uninterrupted = str(tmp_path / "uninterrupted")
+    subprocess.run([*command[:6], uninterrupted, *command[7:]], env=env, check=True, capture_output=True)
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _backup_epoch(run) < 2 and first.poll() is None and time.monotonic() < deadline:
@@ -236,7 +263,10 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
     assert epochs == list(range(8))  # one row per epoch, none lost or repeated
     left = glob.glob(os.path.join(run, ".tmp-*")) + glob.glob(os.path.join(run, "backup", ".tmp-*"))
     assert left == [], left
-    assert keras.models.load_model(os.path.join(run, "model.keras")).get_layer("subnet")
+    resumed = keras.models.load_model(os.path.join(run, "model.keras"))
+    reference = keras.models.load_model(os.path.join(uninterrupted, "model.keras"))
+    for got, want in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        assert abs(got - want).max() <= 1e-6  # same data order, augmentation and optimizer state
 
 
 def test_an_interrupted_run_says_how_to_resume(dataset, tmp_path):

@@ -85,7 +85,7 @@ def test_failed_bless_leaves_served_version_in_place(pushed):
         assert error.value.step == "bless"
         assert "below --min-accuracy 1.01" in str(error.value)
         assert snapshot(base) == before
-        server.manager.poll()
+        server.core.poll()
         assert server.versions() == [1]
         again = client.predict(server.address, MODEL, [_first_image(pushed["data"])])
         assert again[0].probability == answer[0].probability

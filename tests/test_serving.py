@@ -277,7 +277,7 @@ def test_new_version_picked_up_and_half_written_ignored(exports, tmp_path):
         # Half-written: a push's temporary sibling, and an integer folder still missing saved_model.pb.
         shutil.copytree(dirs[1], base / ".tmp-2-abc")
         shutil.copytree(dirs[1], base / "3", ignore=shutil.ignore_patterns("saved_model.pb"))
-        server.manager.poll()
+        server.core.poll()
         assert server.versions() == [1]
         copy_version(dirs[1], str(base), 2)  # the real push protocol
         assert server.wait_for_version(2) == [1, 2]
@@ -479,9 +479,9 @@ def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_p
 
 def test_serve_refuses_a_port_in_use_or_out_of_range(served, capsys, tmp_path):
     server, _, _ = served
-    base = os.path.dirname(server.manager.base_dir)
+    base = os.path.dirname(server.core.manager(MODEL).base_dir)
     with pytest.raises(Exception) as error:  # gRPC's SO_REUSEPORT would have let a second server share it
-        start_server(server.manager.base_dir, MODEL, port=server.port)
+        start_server(server.core.manager(MODEL).base_dir, MODEL, port=server.port)
     assert f"cannot bind 127.0.0.1:{server.port}" in str(error.value)
     for port in ("70000", "-1"):
         with pytest.raises(SystemExit) as exit:

@@ -157,3 +157,19 @@ def _first_image(data):
     folder = os.path.join(data, "square")
     with open(os.path.join(folder, sorted(os.listdir(folder))[0]), "rb") as file:
         return file.read()
+
+
+def test_a_corrupt_newest_version_does_not_block_the_next_push(pushed, tmp_path):
+    """The server keeps serving version 1 when version 2 is corrupt; push compares with version 1."""
+    base = str(tmp_path / "models" / MODEL)
+    shutil.copytree(pushed["base"], base)
+    os.makedirs(os.path.join(base, "2"))
+    with open(os.path.join(base, "2", "saved_model.pb"), "wb") as file:
+        file.write(b"this is not a SavedModel")
+    logs = []
+    version = push(pushed["run"], base, data_dir=pushed["data"], model_name=MODEL, min_auroc=0.0, log=logs.append)
+    assert version == 3
+    assert os.path.isfile(os.path.join(base, "3", "saved_model.pb"))
+    evaluate = [line for line in logs if line.startswith("[evaluate]")]
+    assert any(line.startswith("[evaluate] version 2 cannot be evaluated") for line in evaluate), evaluate
+    assert any(line.startswith("[evaluate] served version 1:") for line in evaluate), evaluate

@@ -135,6 +135,10 @@ class LoadedModel:
         values = self.session.run(fetches, feed_dict=feeds)
         return dict(zip(outputs, values))
 
+    @property
+    def closed(self):
+        return self._closed
+
     def acquire(self):
         """A request starts using this version; call while the server can still find it (under its lock)."""
         with self._lock:

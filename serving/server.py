@@ -304,23 +304,7 @@ class ServerCore:
             labels = self._label_map(entries)
             with self._lock:
                 old = dict(self._managers)
-            managers = {}
-            for entry in entries:
-                base_dir = os.path.abspath(self.base_path(entry))
-                manager = old.get(entry.name)
-                if manager is not None and manager.base_dir == base_dir:
-                    if manager.version_policy != entry.model_version_policy:
-                        LOG.info("model %s: version policy now %s", entry.name,
-                                 policy_text(entry.model_version_policy))
-                        manager.version_policy = copy.deepcopy(entry.model_version_policy)
-                        manager.poll()
-                else:  # new (or moved): loads its versions before it takes requests, as TF Serving waits for them
-                    manager = ModelManager(base_dir, entry.name, version_policy=copy.deepcopy(entry.model_version_policy),
-                                           poll_seconds=self.poll_seconds, max_load_retries=self.max_load_retries,
-                                           load_retry_interval=self.load_retry_interval)
-                    LOG.info("model %s: serving %s (%s)", entry.name, base_dir, policy_text(entry.model_version_policy))
-                    manager.start()
-                managers[entry.name] = manager
+            managers = {entry.name: self._apply(entry, old.get(entry.name)) for entry in entries}
             with self._lock:
                 self._managers, self._labels = managers, labels
                 self.config = copy.deepcopy(config)
@@ -329,12 +313,30 @@ class ServerCore:
                     LOG.info("model %s: no longer in the config, unloading", name)
                     manager.stop()
 
+    def _apply(self, entry, manager):
+        """The ModelManager serving a ModelConfig: `manager` with the entry's policy, or a new one."""
+        base_dir = os.path.abspath(self.base_path(entry))
+        policy = copy.deepcopy(entry.model_version_policy)
+        if manager is not None and manager.base_dir == base_dir:
+            if manager.version_policy != policy:
+                LOG.info("model %s: version policy now %s", entry.name, policy_text(policy))
+                manager.version_policy = policy
+                manager.poll()
+            return manager
+        # New (or moved): its versions load before it takes requests, as TF Serving waits for new models.
+        manager = ModelManager(base_dir, entry.name, version_policy=policy, poll_seconds=self.poll_seconds,
+                               max_load_retries=self.max_load_retries, load_retry_interval=self.load_retry_interval)
+        LOG.info("model %s: serving %s (%s)", entry.name, base_dir, policy_text(policy))
+        manager.start()
+        return manager
+
     def _validate(self, entries):
         """ValidateModelConfigList and GetPlatform's checks, with their messages."""
         names = set()
         for entry in entries:
             if entry.name in names:
-                raise ConfigError("INVALID_ARGUMENT", f"Illegal to list model {entry.name} multiple times in config list")
+                raise ConfigError("INVALID_ARGUMENT",
+                                  f"Illegal to list model {entry.name} multiple times in config list")
             names.add(entry.name)
             if not entry.name:
                 raise ConfigError("INVALID_ARGUMENT", "a model in the config list has no name")

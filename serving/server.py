@@ -360,7 +360,7 @@ class ServerCore:
                 manager = self._managers.get(entry.name)
                 current = self._labels.get(entry.name, {})
             statuses = manager.statuses() if manager is not None else {}
-            for label, version in entry.version_labels.items():
+            for label, version in sorted(entry.version_labels.items()):  # the first bad one, always the same
                 available = statuses.get(version, (None,))[0] == "AVAILABLE"
                 allowed = self.allow_version_labels_for_unavailable_models and current.get(label, version) == version
                 if not (available or allowed):

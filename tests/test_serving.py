@@ -25,7 +25,7 @@ from tensorflow_serving.apis import (
 from patchnet_tf import build_patchnet, heatmap
 from patchnet_tf.cli import main as cli_main
 from patchnet_tf.preprocessing import Preprocessing, decode_image
-from pipelines.export import SIGNATURES, write_saved_model
+from pipelines.export import SIGNATURES
 from pipelines.push import copy_version
 from serving import client, warmup
 from serving.loader import LoadedModel
@@ -56,15 +56,6 @@ def expected(model, image_bytes):
 def tiny_model(seed):
     keras.utils.set_random_seed(seed)
     return build_patchnet(9, filters=4, conv_layers=2)
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """Two versions of a tiny model, exported once for the whole module."""
-    root = tmp_path_factory.mktemp("exports")
-    models = [tiny_model(0), tiny_model(1)]
-    dirs = [write_saved_model(m, PREPROCESSING, str(root / f"v{i + 1}")) for i, m in enumerate(models)]
-    return models, dirs
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pipelines.push import copy_version
 from serving import client
 from serving.loader import LoadedModel
 from serving.server import start_server
-from test_serving import MODEL, TOLERANCE, exports, expected, images, outputs, request  # noqa: F401 (a fixture)
+from test_serving import MODEL, TOLERANCE, expected, images, outputs, request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,7 @@ from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.cli import main as cli_main
 from pipelines.push import copy_version
 from serving.server import start_server
-from test_serving import TOLERANCE, exports, expected, images, outputs, request  # noqa: F401 (a fixture)
+from test_serving import TOLERANCE, expected, images, outputs, request
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
@@ -107,7 +107,7 @@ def test_version_labels_as_tf_serving(exports, tmp_path, capsys):
     # TF Serving assigns labels before any version loads, so at start-up they need the flag.
     assert cli_main(["serve", "--model-config-file", str(config), "--port", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"patchnet serve: error: {config}: FAILED_PRECONDITION: Request to assign label to version 1 of model m, "
+        f"patchnet serve: error: {config}: FAILED_PRECONDITION: Request to assign label to version 2 of model m, "
         "which is not currently available for inference")
     write_config(config, {"m": (base, f'model_version_policy {{ all {{}} }} {labels} '
                                       'version_labels { key: "next" value: 7 }')})

@@ -159,6 +159,7 @@ class ModelManager:
         self.load_retry_interval = max(0.0, load_retry_interval)
         self._loaded = {}  # version -> LoadedModel
         self._failures = {}  # version -> LoadFailure
+        self._unloaded = set()  # versions served before: GetModelStatus END, as TF Serving's state monitor keeps them
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time (the poller and explicit calls)
         self._stop = threading.Event()
@@ -184,6 +185,7 @@ class ModelManager:
                 if not unaspired or (aspired and not aspired & serving and len(unaspired) == 1):
                     break
                 unloaded = self._loaded.pop(unaspired[0])
+                self._unloaded.add(unaspired[0])
             unloaded.retire()  # closes once no request holds it
             LOG.info("model %s version %d unloaded", self.model_name, unaspired[0])
         with self._lock:
@@ -206,6 +208,7 @@ class ModelManager:
             return
         with self._lock:
             self._failures.pop(version, None)
+            self._unloaded.discard(version)
             self._loaded[version] = loaded
         LOG.info("model %s version %d loaded from %s", self.model_name, version, path)
 
@@ -229,6 +232,7 @@ class ModelManager:
             self._thread.join()
         with self._lock:
             loaded, self._loaded = self._loaded, {}
+            self._unloaded |= set(loaded)
         for model in loaded.values():
             model.retire()
 
@@ -242,6 +246,8 @@ class ModelManager:
             states = {version: ("AVAILABLE", None) for version in self._loaded}
             for version, failure in self._failures.items():
                 states.setdefault(version, ("END" if failure.gave_up else "LOADING", failure))
+            for version in self._unloaded:
+                states.setdefault(version, ("END", None))
         return states
 
     def acquire(self, version=None):
@@ -277,6 +283,7 @@ class ServerCore:
         self.config = model_server_config_pb2.ModelServerConfig()
         self._managers = {}  # model name -> ModelManager
         self._labels = {}  # model name -> {label: version}
+        self._removed = {}  # model name -> its last statuses, all END (GetModelStatus still answers them)
         self._lock = threading.Lock()  # guards the two maps (swapped whole by a reload)
         self._reload_lock = threading.Lock()  # one reload at a time
 
@@ -312,6 +319,9 @@ class ServerCore:
                 if managers.get(name) is not manager:
                     LOG.info("model %s: no longer in the config, unloading", name)
                     manager.stop()
+                    with self._lock:
+                        self._removed[name] = {version: ("END", failure)
+                                               for version, (_, failure) in manager.statuses().items()}
 
     def _apply(self, entry, manager):
         """The ModelManager serving a ModelConfig: `manager` with the entry's policy, or a new one."""
@@ -387,9 +397,12 @@ class ServerCore:
         return manager.versions() if manager is not None else []
 
     def statuses(self, model_name):
-        """{version: (state name, LoadFailure or None)}; {} for a model not served."""
-        manager = self.manager(model_name)
-        return manager.statuses() if manager is not None else {}
+        """{version: (state name, LoadFailure or None)}; a model removed from the config: END for each
+        version it had; {} for a model never served."""
+        with self._lock:
+            manager = self._managers.get(model_name)
+            removed = dict(self._removed.get(model_name, {}))
+        return manager.statuses() if manager is not None else removed
 
     def _resolve(self, model_spec):
         """(model name, requested version or None) as ServableRequestFromModelSpec; raises SignatureError."""

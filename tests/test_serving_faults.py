@@ -71,6 +71,7 @@ def test_a_version_deleted_under_load_is_unloaded_without_failing_a_request(expo
         wait_until(lambda: server.versions() == [1])
         seen = len(answered)
         wait_until(lambda: len(answered) > seen + 20)
+        statuses = server.core.statuses(MODEL)
     finally:
         stop.set()
         for thread in threads:
@@ -83,6 +84,7 @@ def test_a_version_deleted_under_load_is_unloaded_without_failing_a_request(expo
     for version, probability in answered:
         np.testing.assert_allclose(probability, want[version], atol=TOLERANCE)
     assert version_2.closed  # unloaded and closed once its last request finished
+    assert {version: state for version, (state, _) in statuses.items()} == {1: "AVAILABLE", 2: "END"}
 
 
 def free_port():

@@ -24,6 +24,7 @@ from serving.server import start_server
 from test_serving import TOLERANCE, expected, images, outputs, request
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
 
 
 def write_config(path, models):
@@ -162,6 +163,8 @@ def test_two_models_from_one_config_file_added_removed_and_a_bad_file_ignored(ex
         wait_until(lambda: server.core.model_names() == ["a", "c"])
         assert rpc_error(lambda: predict(stub, "b", data)) == (
             grpc.StatusCode.NOT_FOUND, "Servable not found for request: Latest(b)")
+        status = status_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "b"}))
+        assert [(s.version, s.state) for s in status.model_version_status] == [(1, END)]  # as TF Serving keeps it
         np.testing.assert_allclose(predict(stub, "c", data)[1], expected(models[1], data)[0], atol=TOLERANCE)
         # Files TF Serving refuses: logged, and the served config stays.
         applied = server.core.config

@@ -28,6 +28,11 @@ def port_number(text):
     return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 
+def message_bytes(text):
+    """A gRPC message size cap: 1 to INT32_MAX (gRPC's limit is a C int; TF Serving uses INT32_MAX)."""
+    return _integer(text, 1, 2**31 - 1, "a byte count from 1 to 2147483647")
+
+
 def _finite(text, accept, expected):
     """float(text) if finite and accept(value), else an argparse error saying `expected` (NaN never passes)."""
     try:

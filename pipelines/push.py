@@ -6,7 +6,7 @@ The steps, each of which must pass before the next runs:
   evaluate        the candidate's classify signature, run through the session
                   loader on the validation split's encoded images (what the
                   server will compute), and the same for the version now
-                  served (the highest BASE/<integer>), if any
+                  served (the highest BASE/<integer> that loads), if any
   bless           meets --min-accuracy / beats --min-auroc (0.5: chance) and is not worse than
                   the served version by more than --tolerance
   warmup          assets.extra/tf_serving_warmup_requests, every signature
@@ -109,6 +109,23 @@ def blessing(candidate, baseline, *, min_accuracy=0.0, min_auroc=CHANCE_AUROC, t
     return None
 
 
+def served_baseline(base_dir, versions, paths, labels, log=print):
+    """The evaluation of the version a server serves now: the highest one that loads and runs.
+
+    A newest version that is corrupt is not served (TF Serving's availability-preserving policy
+    keeps the previous one), so it is skipped instead of blocking every future push."""
+    for version in reversed(versions):
+        try:
+            evaluation = evaluate_export(os.path.join(base_dir, str(version)), paths, labels)
+        except Exception as error:
+            log(f"[evaluate] version {version} cannot be evaluated, so it is not the served one; skipped: "
+                f"{first_line(error)}")
+            continue
+        log(f"[evaluate] served version {version}: {evaluation.text()}")
+        return evaluation
+    return None
+
+
 def copy_version(staging, base_dir, version):
     """The atomic push: a non-integer sibling, saved_model.pb written last, then a rename."""
     target = os.path.join(base_dir, str(version))
@@ -198,10 +215,7 @@ def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_a
         split = _validation_split(model_path, data_dir, val_fraction, seed, positive_class)
         candidate = evaluate_export(staging, split.paths, split.labels)
         log(f"[evaluate] candidate: {candidate.text()}")
-        baseline = None
-        if served:
-            baseline = evaluate_export(os.path.join(base_dir, str(served[-1])), split.paths, split.labels)
-            log(f"[evaluate] served version {served[-1]}: {baseline.text()}")
+        baseline = served_baseline(base_dir, served, split.paths, split.labels, log)
 
         step = "bless"
         reason = blessing(candidate, baseline, min_accuracy=min_accuracy, min_auroc=min_auroc,

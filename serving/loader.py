@@ -45,6 +45,8 @@ class LoadedModel:
             if not name.startswith("__")  # __saved_model_init_op is not callable
         }
         self._closed = False
+        self._retired = False
+        self._holds = 0  # requests running on this version (TF Serving's ServableHandle count)
         self._lock = threading.Lock()
 
     def signature(self, name):
@@ -132,6 +134,30 @@ class LoadedModel:
         fetches = [signature.outputs[key].name for key in outputs]
         values = self.session.run(fetches, feed_dict=feeds)
         return dict(zip(outputs, values))
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def acquire(self):
+        """A request starts using this version; call while the server can still find it (under its lock)."""
+        with self._lock:
+            self._holds += 1
+
+    def release(self):
+        with self._lock:
+            self._holds -= 1
+            close = self._retired and self._holds == 0
+        if close:
+            self.close()
+
+    def retire(self):
+        """Unloaded: the session closes now if no request holds it, else when the last one releases it."""
+        with self._lock:
+            self._retired = True
+            close = self._holds == 0
+        if close:
+            self.close()
 
     def close(self):
         with self._lock:

@@ -10,3 +10,15 @@ import pytest  # noqa: E402
 def _seeded():
     """Every test starts from the same random state, whatever ran before it."""
     keras.utils.set_random_seed(0)
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """Two versions of a tiny model as SavedModels, exported once for every serving test module."""
+    from pipelines.export import write_saved_model
+    from test_serving import PREPROCESSING, tiny_model
+
+    root = tmp_path_factory.mktemp("exports")
+    models = [tiny_model(0), tiny_model(1)]
+    dirs = [write_saved_model(m, PREPROCESSING, str(root / f"v{i + 1}")) for i, m in enumerate(models)]
+    return models, dirs

@@ -85,7 +85,7 @@ def test_failed_bless_leaves_served_version_in_place(pushed):
         assert error.value.step == "bless"
         assert "below --min-accuracy 1.01" in str(error.value)
         assert snapshot(base) == before
-        server.manager.poll()
+        server.core.poll()
         assert server.versions() == [1]
         again = client.predict(server.address, MODEL, [_first_image(pushed["data"])])
         assert again[0].probability == answer[0].probability
@@ -157,3 +157,19 @@ def _first_image(data):
     folder = os.path.join(data, "square")
     with open(os.path.join(folder, sorted(os.listdir(folder))[0]), "rb") as file:
         return file.read()
+
+
+def test_a_corrupt_newest_version_does_not_block_the_next_push(pushed, tmp_path):
+    """The server keeps serving version 1 when version 2 is corrupt; push compares with version 1."""
+    base = str(tmp_path / "models" / MODEL)
+    shutil.copytree(pushed["base"], base)
+    os.makedirs(os.path.join(base, "2"))
+    with open(os.path.join(base, "2", "saved_model.pb"), "wb") as file:
+        file.write(b"this is not a SavedModel")
+    logs = []
+    with pytest.raises(PushError) as error:  # --min-accuracy 1.01 stops it right after the comparison
+        push(pushed["run"], base, data_dir=pushed["data"], model_name=MODEL, min_accuracy=1.01, log=logs.append)
+    assert error.value.step == "bless"  # past evaluate, which used to fail on version 2
+    evaluate = [line for line in logs if line.startswith("[evaluate]")]
+    assert any(line.startswith("[evaluate] version 2 cannot be evaluated") for line in evaluate), evaluate
+    assert any(line.startswith("[evaluate] served version 1:") for line in evaluate), evaluate

@@ -25,7 +25,7 @@ from tensorflow_serving.apis import (
 from patchnet_tf import build_patchnet, heatmap
 from patchnet_tf.cli import main as cli_main
 from patchnet_tf.preprocessing import Preprocessing, decode_image
-from pipelines.export import SIGNATURES, write_saved_model
+from pipelines.export import SIGNATURES
 from pipelines.push import copy_version
 from serving import client, warmup
 from serving.loader import LoadedModel
@@ -56,15 +56,6 @@ def expected(model, image_bytes):
 def tiny_model(seed):
     keras.utils.set_random_seed(seed)
     return build_patchnet(9, filters=4, conv_layers=2)
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """Two versions of a tiny model, exported once for the whole module."""
-    root = tmp_path_factory.mktemp("exports")
-    models = [tiny_model(0), tiny_model(1)]
-    dirs = [write_saved_model(m, PREPROCESSING, str(root / f"v{i + 1}")) for i, m in enumerate(models)]
-    return models, dirs
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +268,7 @@ def test_new_version_picked_up_and_half_written_ignored(exports, tmp_path):
         # Half-written: a push's temporary sibling, and an integer folder still missing saved_model.pb.
         shutil.copytree(dirs[1], base / ".tmp-2-abc")
         shutil.copytree(dirs[1], base / "3", ignore=shutil.ignore_patterns("saved_model.pb"))
-        server.manager.poll()
+        server.core.poll()
         assert server.versions() == [1]
         copy_version(dirs[1], str(base), 2)  # the real push protocol
         assert server.wait_for_version(2) == [1, 2]
@@ -484,9 +475,9 @@ def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_p
 
 def test_serve_refuses_a_port_in_use_or_out_of_range(served, capsys, tmp_path):
     server, _, _ = served
-    base = os.path.dirname(server.manager.base_dir)
+    base = os.path.dirname(server.core.manager(MODEL).base_dir)
     with pytest.raises(Exception) as error:  # gRPC's SO_REUSEPORT would have let a second server share it
-        start_server(server.manager.base_dir, MODEL, port=server.port)
+        start_server(server.core.manager(MODEL).base_dir, MODEL, port=server.port)
     assert f"cannot bind 127.0.0.1:{server.port}" in str(error.value)
     for port in ("70000", "-1"):
         with pytest.raises(SystemExit) as exit:

@@ -160,7 +160,8 @@ def dense_heatmap_fn(
     chunk_patches=DEFAULT_CHUNK_PATCHES,
     band_pixels=DEFAULT_BAND_PIXELS,
 ):
-    """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap, or (H, W, K) features.
+    """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap of a binary model,
+    (H, W, K) heatmaps of a K-class model (one per class), or (H, W, F) features.
 
     Pure TensorFlow ops, no XLA, so it can be traced into a SavedModel
     signature as it is. padding="valid" models take the one-pass path
@@ -198,7 +199,7 @@ def dense_heatmap_fn(
         def dense_map(image):
             return dense_patch_map(patch_fn, image, patch_size, stride, chunk_patches)
 
-    if feature_layer is None:
+    if feature_layer is None and subnet.output_shape[-1] == 1:
         return lambda image: dense_map(image)[..., 0]
     return dense_map
 
@@ -256,7 +257,9 @@ def heatmap(
 ):
     """(B, H, W) float32 in [0, 1]: Q(class 1 | patch centred at each pixel).
 
-    White (1) is class-1 evidence, black (0) class-0 evidence. padding="valid"
+    White (1) is class-1 evidence, black (0) class-0 evidence. A K-class model
+    (`build_patchnet(..., classes=K)`) gives (B, H, W, K): Q(k | patch), one
+    map per class, summing to 1 at every pixel. padding="valid"
     models are computed in one fully convolutional pass per band (exact, about
     100x faster than per patch); padding="same" models per patch, where stride
     s costs about 1/s^2 of the stride-1 map.

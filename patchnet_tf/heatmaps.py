@@ -279,6 +279,23 @@ def heatmap_to_gray(heat):
     return np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+# Class colours of the combined K-class map (RGB): class 0 black, as in the
+# binary map, then red, green, blue, ...; more classes than colours repeat them.
+CLASS_COLOURS = np.array(
+    [(0, 0, 0), (230, 25, 25), (25, 200, 25), (40, 90, 255), (255, 220, 0), (220, 0, 220), (0, 220, 220),
+     (255, 140, 0), (255, 255, 255)],
+    np.float32,
+)
+
+
+def class_colour_map(maps):
+    """(H, W, K) class maps summing to 1 -> RGB uint8 (H, W, 3): the probability-weighted
+    mix of the class colours (`CLASS_COLOURS`), so a pure colour is one class's certain evidence."""
+    maps = np.clip(np.asarray(maps, np.float32), 0.0, 1.0)
+    colours = CLASS_COLOURS[np.arange(maps.shape[-1]) % len(CLASS_COLOURS)]
+    return np.round(np.clip(maps @ colours, 0, 255)).astype(np.uint8)
+
+
 def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
     """RGB image in [0, 1] (H, W, 3) + map -> BGR uint8 overlay for cv2.imwrite."""
     colour = cv2.applyColorMap(heatmap_to_gray(heat), colormap)

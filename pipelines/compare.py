@@ -11,6 +11,11 @@ Stages, each announced as it starts:
 
 The figure has one row per sampled image (class 1 first, then class 0, like
 the paper's): original | mask | PatchNet-p | CAM | Grad-CAM, white = class 1.
+
+K classes (docs/k-classes.md; masks MASKS/<class>/<stem>.png): Table 1 adds
+the macro AUROC, Table 2 has one row per map and masked class (each class's
+map against that class's masks), and a figure row shows the mask and maps of
+the sampled image's own class (its first masked class for an unmasked one).
 """
 
 import csv
@@ -174,11 +179,31 @@ def table1(results, names, splits):
     return markdown_table(header, rows), _csv_text(csv_header, csv_rows)
 
 
+def table1_k(results, names, splits, class_names):
+    """(markdown, csv) of loss, accuracy, macro and per-class AUROC per model and split (K classes)."""
+    header, csv_header = ["Model", "Split", "Loss", "Accuracy", "Macro AUROC"], ["model", "split", "loss",
+                                                                                   "accuracy", "macro_auroc"]
+    header += [f"AUROC {name}" for name in class_names]
+    csv_header += [f"auroc_{name}" for name in class_names]
+    rows, csv_rows = [], []
+    for arch, by_split in results.items():
+        for split in splits:
+            result = by_split[split]
+            rows.append([names[arch][0], SPLIT_TITLES[split], f"{result['loss']:.3f}",
+                         format_percent(result["accuracy"]), format_number(result["auroc"])]
+                        + [format_number(value) for value in result["auroc_per_class"]])
+            csv_rows.append([names[arch][0], split, f"{result['loss']:.6f}", f"{result['accuracy']:.6f}",
+                             f"{result['auroc']:.6f}"] + [f"{value:.6f}" for value in result["auroc_per_class"]])
+    return markdown_table(header, rows), _csv_text(csv_header, csv_rows)
+
+
 def table2(mask_results, names):
     """(markdown, csv) of the mask metrics per map (paper Table 2)."""
     header = ["Model", "Average Exact Match", "Average Recall", "Average AUROC",
               "Exact Match, Border Band", "Exact Match, Interior"]
     keys = ("exact_match", "recall", "auroc", "exact_match_border", "exact_match_interior")
+    if "threshold" not in next(iter(mask_results.values())):  # K classes: arch -> class -> metrics
+        return _table2_k(mask_results, names, header, keys)
     rows, csv_rows = [], []
     for arch, metrics in mask_results.items():
         rows.append([names[arch][1]] + [
@@ -196,6 +221,41 @@ def table2(mask_results, names):
     )
     csv_header = ["model", *keys, "images", "recall_images", "auroc_images", "threshold"]
     return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
+
+
+def _table2_k(mask_results, names, header, keys):
+    header = header[:1] + ["Class"] + header[1:]
+    rows, csv_rows = [], []
+    for arch, by_class in mask_results.items():
+        for class_name, metrics in by_class.items():
+            rows.append([names[arch][1], class_name] + [
+                format_number(metrics[key]) if key == "auroc" else format_percent(metrics[key]) for key in keys
+            ])
+            csv_rows.append([names[arch][1], class_name] + [
+                "" if math.isnan(metrics[key]) else f"{metrics[key]:.6f}" for key in keys
+            ] + [metrics["images"], metrics["recall_images"], metrics["auroc_images"], metrics["threshold"]])
+    metrics = next(iter(next(iter(mask_results.values())).values()))
+    note = (
+        f"\nEach class's map against that class's masks over {metrics['images']} images (every image of the "
+        f"split; a mask is all black on images of other classes), thresholded at {metrics['threshold']:g}; "
+        "recall over the images of that class, AUROC over those whose mask has both values; "
+        f"the border band is the {metrics['border']} pixels along the image border (half a patch).\n"
+    )
+    csv_header = ["model", "class", *keys, "images", "recall_images", "auroc_images", "threshold"]
+    return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
+
+
+def sample_indices_k(labels, count, classes, seed=0):
+    """Up to `count` indices spread over the classes by turns (class 1, 2, ..., then 0), each class's sorted."""
+    rng = np.random.default_rng(seed)
+    order = list(range(1, classes)) + [0]
+    pools = {label: list(rng.permutation(np.flatnonzero(labels == label))) for label in order}
+    picks = {label: [] for label in order}
+    while sum(map(len, picks.values())) < count and any(pools.values()):
+        for label in order:
+            if pools[label] and sum(map(len, picks.values())) < count:
+                picks[label].append(int(pools[label].pop(0)))
+    return [index for label in order for index in sorted(picks[label])]
 
 
 def sample_indices(labels, count, seed=0):
@@ -272,6 +332,10 @@ def compare(args):
     runs = train_or_load(configs, train=not args.no_train, stage=stage)
     names = model_names(args.patch_size)
 
+    class_names = list(runs["patchnet"][1].class_names)
+    k_classes = len(class_names) > 2
+    masked = evaluation.masked_classes(masks_dir, class_names) if k_classes else None
+
     stage(len(ARCHS) + 1, "Table 1: loss and accuracy")
     results, splits = {}, None
     for arch, (model, preprocessing, train_config) in runs.items():
@@ -290,25 +354,43 @@ def compare(args):
     mask_results, maps, inputs, masks, labels = {}, [], None, None, None
     for arch, (model, preprocessing, train_config) in runs.items():
         split = evaluation.load_split(args.data, preprocessing, args.mask_split, train_config)
-        pairs = evaluation.mask_pairs(split.paths, masks_dir)
+        if k_classes:
+            pairs = evaluation.class_mask_pairs(split.paths, masks_dir, masked)
+        else:
+            pairs = evaluation.mask_pairs(split.paths, masks_dir)
         model_inputs, heatmaps, model_masks = evaluation.masked_heatmaps(
             model, preprocessing, pairs, heatmap_stride=args.heatmap_stride,
             batch_size=args.eval_batch_size, progress=f"  {names[arch][1]} maps",
         )
-        mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold,
-                                          border=args.patch_size // 2)
+        if k_classes:
+            mask_results[arch] = evaluation.class_mask_metrics(
+                heatmaps, model_masks, class_names, masked, threshold=args.threshold, border=args.patch_size // 2)
+        else:
+            mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold,
+                                              border=args.patch_size // 2)
         maps.append(heatmaps)
         if inputs is None:
-            inputs, masks, labels = model_inputs, model_masks, split.labels
+            labels = split.labels[[split.paths.index(path) for path, _ in pairs]] if k_classes else split.labels
+            inputs, masks = model_inputs, model_masks
         elif heatmaps.shape[1:] != maps[0].shape[1:]:
             raise PatchNetError("compare needs the three models at the same image size")
 
     stage(len(ARCHS) + 3, f"writing tables and figure to {args.out}")
-    table1_md, table1_csv = table1(results, names, splits)
+    table1_md, table1_csv = (table1_k(results, names, splits, class_names) if k_classes
+                             else table1(results, names, splits))
     table2_md, table2_csv = table2(mask_results, names)
-    picks = sample_indices(np.asarray(labels), args.samples, args.seed)
-    grid = figure_grid(inputs[picks], masks[picks], [heat[picks] for heat in maps],
-                       [names[arch][1] for arch in runs], cell=args.cell)
+    if k_classes:
+        picks = sample_indices_k(np.asarray(labels), args.samples, len(class_names), args.seed)
+        # Each row: the mask and the maps of the image's own class (its first masked class if unmasked).
+        columns = [masked.index(class_names[label]) if class_names[label] in masked else 0 for label in labels[picks]]
+        shown = [class_names.index(masked[column]) for column in columns]
+        masks = np.stack([masks[index][..., column] for index, column in zip(picks, columns)])
+        maps = [np.stack([heat[index][..., klass] for index, klass in zip(picks, shown)]) for heat in maps]
+        picked_inputs = inputs[picks]
+    else:
+        picks = sample_indices(np.asarray(labels), args.samples, args.seed)
+        masks, maps, picked_inputs = masks[picks], [heat[picks] for heat in maps], inputs[picks]
+    grid = figure_grid(picked_inputs, masks, maps, [names[arch][1] for arch in runs], cell=args.cell)
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "table1.md"), table1_md)
     atomic_write_text(os.path.join(args.out, "table1.csv"), table1_csv)

@@ -283,8 +283,9 @@ def _cell(array, cell):
     return cv2.resize(array, (cell, cell), interpolation=cv2.INTER_NEAREST)
 
 
-def figure_grid(images, masks, maps, titles, *, cell=128, gap=4):
-    """RGB uint8 grid: one row per image, columns original | mask | each map, titles on top."""
+def figure_grid(images, masks, maps, titles, *, cell=128, gap=4, row_labels=None):
+    """RGB uint8 grid: one row per image, columns original | mask | each map, titles on top;
+    `row_labels` (K classes: the class whose mask and maps a row shows) go on the mask cell."""
     columns = len(maps) + 2
     header = 24
     height = header + len(images) * (cell + gap)
@@ -302,6 +303,11 @@ def figure_grid(images, masks, maps, titles, *, cell=128, gap=4):
         for column, content in enumerate(cells):
             left = column * (cell + gap)
             grid[top : top + cell, left : left + cell] = _cell(content, cell)
+        if row_labels is not None:
+            left = cell + gap
+            cv2.rectangle(grid, (left, top), (left + 8 + 8 * len(row_labels[row]), top + 16), (255, 255, 255), -1)
+            cv2.putText(grid, row_labels[row], (left + 3, top + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
     return grid
 
 
@@ -387,10 +393,13 @@ def compare(args):
         masks = np.stack([masks[index][..., column] for index, column in zip(picks, columns)])
         maps = [np.stack([heat[index][..., klass] for index, klass in zip(picks, shown)]) for heat in maps]
         picked_inputs = inputs[picks]
+        row_labels = [f"{class_names[label]}: {class_names[klass]} map" for label, klass in zip(labels[picks], shown)]
     else:
         picks = sample_indices(np.asarray(labels), args.samples, args.seed)
         masks, maps, picked_inputs = masks[picks], [heat[picks] for heat in maps], inputs[picks]
-    grid = figure_grid(picked_inputs, masks, maps, [names[arch][1] for arch in runs], cell=args.cell)
+        row_labels = None
+    grid = figure_grid(picked_inputs, masks, maps, [names[arch][1] for arch in runs], cell=args.cell,
+                       row_labels=row_labels)
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "table1.md"), table1_md)
     atomic_write_text(os.path.join(args.out, "table1.csv"), table1_csv)

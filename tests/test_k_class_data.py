@@ -140,3 +140,29 @@ def _summary_tags(log_dir):
             event = tf.compat.v1.Event.FromString(record)
             tags |= {value.tag for value in event.summary.value}
     return tags
+
+
+def test_compare_reports_each_class(tmp_path):
+    import csv
+
+    from pipelines import evaluate as evaluation
+
+    data = str(tmp_path / "data")
+    write_texture_dataset(data, image_size=(32, 32), count=2, classes=3)
+    out = str(tmp_path / "out")
+    assert cli_main(["compare", data, "--out", out, "--image-size", "32x32", "--epochs", "1", "--patch-size", "7",
+                     "--filters", "3", "--conv-layers", "2", "--samples", "3", "--cell", "32"]) == 0
+    with open(os.path.join(out, "table2.csv")) as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["class"]) for row in rows] == [
+        (model, name) for model in ("PatchNet-7", "CAM", "Grad-CAM") for name in ("brick", "grass")]
+    with open(os.path.join(out, "table1.csv")) as file:
+        table1 = list(csv.DictReader(file))
+    assert {"macro_auroc", "auroc_plain", "auroc_brick", "auroc_grass"} <= set(table1[0])
+    # The numbers are those `patchnet evaluate --masks` gives for the saved runs.
+    for row, arch in zip(rows[::2], ("patchnet", "cam", "vgg11")):
+        results = evaluation.evaluate(os.path.join(out, arch), data, masks_dir=os.path.join(data, "masks"))
+        assert float(row["auroc"]) == pytest.approx(results["class_masks"]["brick"]["auroc"], abs=1e-5)
+        assert float(table1[2 * ("patchnet", "cam", "vgg11").index(arch)]["macro_auroc"]) == pytest.approx(
+            results["auroc"], abs=1e-5)
+    assert cv2.imread(os.path.join(out, "comparison.png")) is not None

@@ -81,3 +81,35 @@ def test_same_padded_k_class_heatmap_is_per_patch_too():
     maps = heatmap(model, image, stride=2)
     assert maps.shape == (1, 9, 10, CLASSES)
     np.testing.assert_allclose(maps.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_cam_and_gradcam_give_one_map_per_class():
+    import tensorflow as tf
+
+    from patchnet_tf import baselines
+
+    images = np.random.default_rng(5).random((2, 32, 32, 3), np.float32)
+    cam = baselines.build_cam((32, 32, 3), width=4, classes=CLASSES)
+    maps = baselines.heatmap(cam, images)
+    assert maps.shape == (2, 32, 32, CLASSES)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # a softmax of the class logit maps per pixel
+    # The image's probabilities are the softmax of the logit maps' spatial means (at feature resolution).
+    features = keras.Model(cam.input, cam.get_layer(baselines.CAM_FEATURES).output)(images).numpy()
+    kernel, bias = cam.get_layer(baselines.CAM_HEAD).get_weights()
+    logits = (features @ kernel + bias).mean(axis=(1, 2))
+    np.testing.assert_allclose(cam.predict(images, verbose=0), tf.nn.softmax(logits).numpy(), atol=1e-5)
+
+    vgg = baselines.build_vgg11((32, 32, 3), width=4, classes=CLASSES)
+    maps = baselines.heatmap(vgg, images)
+    assert maps.shape == (2, 32, 32, CLASSES) and maps.min() >= 0 and maps.max() <= 1
+    gradient_model = keras.Model(vgg.input, [vgg.get_layer(baselines.GRADCAM_FEATURES).output,
+                                             vgg.get_layer(baselines.LOGIT).output])
+    for klass in range(CLASSES):  # Grad-CAM of class k: the gradient of logit k, by hand
+        with tf.GradientTape() as tape:
+            features, logits = gradient_model(tf.constant(images))
+            target = logits[:, klass]
+        weights = tf.reduce_mean(tape.gradient(target, features), axis=(1, 2), keepdims=True)
+        small = tf.nn.relu(tf.reduce_sum(weights * features, -1))[..., None]
+        big = tf.image.resize(small, (32, 32))[..., 0].numpy()
+        peak = big.max(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(maps[..., klass], np.where(peak > 0, big / np.maximum(peak, 1e-30), 0), atol=1e-5)

@@ -8,7 +8,7 @@ import pytest
 
 from patchnet_tf import build_patchnet, heatmap
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.layers import ExtractPatches, PatchwiseSubnet
+from patchnet_tf.layers import ExtractPatches
 from patchnet_tf.model import class_count, loss_for, output_classes
 
 CLASSES = 3

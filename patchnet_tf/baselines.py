@@ -24,6 +24,12 @@ white (1) = class 1, like PatchNet's heatmaps. Normalisation:
   activations, has no absolute meaning). An all-zero map stays all zero. So
   every image with any positive evidence has a pixel at 1.
 
+K classes (`classes=K > 1`, docs/k-classes.md): the head has K outputs and a
+softmax; CAM's map of class k is the per-pixel softmax of the K class logit
+maps (the image's probabilities are the softmax of their spatial means), and
+Grad-CAM's map of class k uses the gradient of logit k. Both give
+(B, H, W, K), one map per class.
+
 Widths: `build_cam` / `build_vgg11` default to the paper's sizes (64 filters
 in the first block, 4096-unit dense layers); `build(arch, input_shape)`, what
 `patchnet train --arch cam|vgg11` calls, defaults to a demo size (width 16)
@@ -76,10 +82,11 @@ def _conv_stack(x, layout, width, last_name):
 
 def _probability(logit):
     # float32 even under mixed precision: probabilities near 0 and 1 matter.
-    return keras.layers.Activation("sigmoid", dtype="float32", name=PROBABILITY)(logit)
+    activation = "sigmoid" if logit.shape[-1] == 1 else "softmax"
+    return keras.layers.Activation(activation, dtype="float32", name=PROBABILITY)(logit)
 
 
-def build_cam(input_shape, *, width=64):
+def build_cam(input_shape, *, width=64, classes=1):
     """CAM: VGG-19 conv layout with 3 poolings, global average pooling, linear head.
 
     (B, H, W, C) images in [0, 1] -> (B, 1) probability of class 1. The class-1
@@ -89,11 +96,11 @@ def build_cam(input_shape, *, width=64):
     images = keras.Input(tuple(input_shape), name="image")
     features = _conv_stack(images, _VGG19_THREE_POOLS, width, CAM_FEATURES)
     pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
-    logit = keras.layers.Dense(1, name=CAM_HEAD)(pooled)
+    logit = keras.layers.Dense(classes, name=CAM_HEAD)(pooled)
     return keras.Model(images, _probability(logit), name="cam")
 
 
-def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropout=0.5):
+def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropout=0.5, classes=1):
     """VGG-11 (configuration A) for Grad-CAM: 8 convs, 5 poolings, dense head.
 
     `dense_units` defaults to 64 * width (the paper's 4096 at width 64). The
@@ -108,7 +115,7 @@ def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropou
     for index in (1, 2):
         x = keras.layers.Dense(dense_units, activation="relu", name=f"fc{index}")(x)
         x = keras.layers.Dropout(dropout, name=f"dropout{index}")(x)
-    logit = keras.layers.Dense(1, name=LOGIT)(x)
+    logit = keras.layers.Dense(classes, name=LOGIT)(x)
     return keras.Model(images, _probability(logit), name="vgg11")
 
 
@@ -183,29 +190,43 @@ def _upsample(maps, size):
 
 
 def cam_logit_map(model, images):
-    """(B, H, W) float32: head bias + head-weighted sum of the last conv maps, upsampled."""
+    """(B, H, W) float32: head bias + head-weighted sum of the last conv maps, upsampled;
+    (B, H, W, K), one logit map per class, for a K-class model."""
     images = _as_batch(model, images)
     features_model = keras.Model(model.input, model.get_layer(CAM_FEATURES).output)
     kernel, bias = model.get_layer(CAM_HEAD).get_weights()
     features = tf.cast(features_model(images, training=False), tf.float32)
-    logits = tf.tensordot(features, tf.constant(kernel[:, 0], tf.float32), axes=1) + float(bias[0])
-    return _upsample(logits, images.shape[1:3]).numpy()
+    logits = tf.tensordot(features, tf.constant(kernel, tf.float32), axes=1) + tf.constant(bias, tf.float32)
+    logits = tf.image.resize(logits, images.shape[1:3], method="bilinear").numpy()
+    return logits[..., 0] if logits.shape[-1] == 1 else logits
 
 
 def cam_heatmap(model, images):
-    """(B, H, W) in [0, 1]: sigmoid of `cam_logit_map` (see the module docstring)."""
-    return tf.sigmoid(cam_logit_map(model, images)).numpy()
+    """(B, H, W) in [0, 1]: sigmoid of `cam_logit_map` (see the module docstring);
+    (B, H, W, K), the per-pixel softmax, for a K-class model."""
+    logits = cam_logit_map(model, images)
+    if model.get_layer(CAM_HEAD).units == 1:
+        return tf.sigmoid(logits).numpy()
+    return tf.nn.softmax(logits, axis=-1).numpy()
 
 
 def gradcam_heatmap(model, images):
-    """(B, H, W) in [0, 1]: Grad-CAM of the class-1 logit at the last conv layer."""
+    """(B, H, W) in [0, 1]: Grad-CAM of the class-1 logit at the last conv layer;
+    (B, H, W, K), Grad-CAM of each class's logit, for a K-class model."""
     images = _as_batch(model, images)
     gradient_model = keras.Model(
         model.input, [model.get_layer(GRADCAM_FEATURES).output, model.get_layer(LOGIT).output]
     )
     images = tf.constant(images)
+    classes = model.get_layer(LOGIT).units
+    maps = [_gradcam_of(gradient_model, images, klass) for klass in range(classes)]
+    return maps[0] if classes == 1 else np.stack(maps, axis=-1)
+
+
+def _gradcam_of(gradient_model, images, klass):
     with tf.GradientTape() as tape:
-        features, logit = gradient_model(images, training=False)
+        features, logits = gradient_model(images, training=False)
+        logit = logits[:, klass]
     # Each image's logit depends only on its own features, so the gradient of
     # the batch sum is the per-image gradient.
     gradients = tf.cast(tape.gradient(logit, features), tf.float32)
@@ -218,7 +239,8 @@ def gradcam_heatmap(model, images):
 
 
 def heatmap(model, images, *, batch_size=32):
-    """(B, H, W) float32 in [0, 1], white = class 1, for a CAM or VGG-11 model."""
+    """(B, H, W) float32 in [0, 1], white = class 1, for a CAM or VGG-11 model;
+    (B, H, W, K), one map per class, for a K-class one."""
     arch = arch_of(model)
     if arch == "patchnet":
         raise PatchNetError("a PatchNet model: use patchnet_tf.heatmap (or patchnet_tf.explain.explain)")
@@ -226,5 +248,6 @@ def heatmap(model, images, *, batch_size=32):
     function = cam_heatmap if arch == "cam" else gradcam_heatmap
     maps = [function(model, images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
     if not maps:
-        return np.zeros((0, *images.shape[1:3]), np.float32)
+        classes = model.output_shape[-1]
+        return np.zeros((0, *images.shape[1:3], *((classes,) if classes > 1 else ())), np.float32)
     return np.clip(np.concatenate(maps), 0.0, 1.0).astype(np.float32)

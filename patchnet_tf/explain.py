@@ -6,7 +6,8 @@ from patchnet_tf.heatmaps import heatmap as patchnet_heatmap
 
 
 def explain(model, images, *, stride=1):
-    """(B, H, W) float32 in [0, 1], white = class 1.
+    """(B, H, W) float32 in [0, 1], white = class 1; (B, H, W, K), one map per
+    class, for a K-class model.
 
     PatchNet models: `patchnet_tf.heatmap` (the subnet on the patch centred
     at every `stride`-th pixel). CAM and VGG-11 models: their CAM / Grad-CAM

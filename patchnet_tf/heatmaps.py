@@ -160,7 +160,8 @@ def dense_heatmap_fn(
     chunk_patches=DEFAULT_CHUNK_PATCHES,
     band_pixels=DEFAULT_BAND_PIXELS,
 ):
-    """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap, or (H, W, K) features.
+    """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap of a binary model,
+    (H, W, K) heatmaps of a K-class model (one per class), or (H, W, F) features.
 
     Pure TensorFlow ops, no XLA, so it can be traced into a SavedModel
     signature as it is. padding="valid" models take the one-pass path
@@ -198,7 +199,7 @@ def dense_heatmap_fn(
         def dense_map(image):
             return dense_patch_map(patch_fn, image, patch_size, stride, chunk_patches)
 
-    if feature_layer is None:
+    if feature_layer is None and subnet.output_shape[-1] == 1:
         return lambda image: dense_map(image)[..., 0]
     return dense_map
 
@@ -256,7 +257,9 @@ def heatmap(
 ):
     """(B, H, W) float32 in [0, 1]: Q(class 1 | patch centred at each pixel).
 
-    White (1) is class-1 evidence, black (0) class-0 evidence. padding="valid"
+    White (1) is class-1 evidence, black (0) class-0 evidence. A K-class model
+    (`build_patchnet(..., classes=K)`) gives (B, H, W, K): Q(k | patch), one
+    map per class, summing to 1 at every pixel. padding="valid"
     models are computed in one fully convolutional pass per band (exact, about
     100x faster than per patch); padding="same" models per patch, where stride
     s costs about 1/s^2 of the stride-1 map.
@@ -274,6 +277,23 @@ def filter_heatmaps(
 def heatmap_to_gray(heat):
     """(H, W) map in [0, 1] -> uint8 grayscale, white = class 1."""
     return np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# Class colours of the combined K-class map (RGB): class 0 black, as in the
+# binary map, then red, green, blue, ...; more classes than colours repeat them.
+CLASS_COLOURS = np.array(
+    [(0, 0, 0), (230, 25, 25), (25, 200, 25), (40, 90, 255), (255, 220, 0), (220, 0, 220), (0, 220, 220),
+     (255, 140, 0), (255, 255, 255)],
+    np.float32,
+)
+
+
+def class_colour_map(maps):
+    """(H, W, K) class maps summing to 1 -> RGB uint8 (H, W, 3): the probability-weighted
+    mix of the class colours (`CLASS_COLOURS`), so a pure colour is one class's certain evidence."""
+    maps = np.clip(np.asarray(maps, np.float32), 0.0, 1.0)
+    colours = CLASS_COLOURS[np.arange(maps.shape[-1]) % len(CLASS_COLOURS)]
+    return np.round(np.clip(maps @ colours, 0, 255)).astype(np.uint8)
 
 
 def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):

@@ -101,3 +101,45 @@ def format_percent(value):
 
 def format_number(value, digits=3):
     return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
+
+
+def confusion_matrix(labels, predicted, classes):
+    """(K, K) int64 counts: row = true class, column = predicted class."""
+    matrix = np.zeros((classes, classes), np.int64)
+    np.add.at(matrix, (np.asarray(labels, np.int64), np.asarray(predicted, np.int64)), 1)
+    return matrix
+
+
+def format_confusion_matrix(matrix, class_names):
+    """The matrix as aligned text: rows true classes, columns predicted ones."""
+    width = max(8, *(len(name) for name in class_names), len(str(int(matrix.max(initial=0)))))
+    lines = [" " * width + "  predicted: " + " ".join(f"{name:>{width}}" for name in class_names)]
+    for name, row in zip(class_names, matrix):
+        lines.append(f"{name:>{width}}  true       " + " ".join(f"{int(value):>{width}}" for value in row))
+    return "\n".join(lines)
+
+
+def confusion_matrix_image(matrix, class_names, cell=64):
+    """RGB uint8 picture of the matrix: each cell shaded by its row's fraction, with its count.
+
+    Rows are true classes, columns predicted ones, labelled by their index
+    (the names are in the title bar, in order), so long names never overlap.
+    """
+    classes = len(class_names)
+    margin = 24
+    picture = np.full((margin + classes * cell, margin + classes * cell, 3), 255, np.uint8)
+    totals = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for row in range(classes):
+        for column in range(classes):
+            shade = int(round(255 * (1.0 - matrix[row, column] / totals[row, 0])))
+            top, left = margin + row * cell, margin + column * cell
+            picture[top : top + cell - 1, left : left + cell - 1] = (shade, shade, 255)
+            text = str(int(matrix[row, column]))
+            colour = (255, 255, 255) if shade < 128 else (0, 0, 0)
+            cv2.putText(picture, text, (left + 6, top + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1,
+                        cv2.LINE_AA)
+        cv2.putText(picture, str(row), (6, margin + row * cell + cell // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(picture, str(row), (margin + row * cell + cell // 2 - 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return picture

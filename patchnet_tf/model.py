@@ -62,17 +62,25 @@ def build_patchnet(
     conv_layers=7,
     padding="same",
     region=None,
+    classes=1,
 ):
-    """G: (B, H, W, C) images in [0, 1] -> (B, 1) P(class 1 | image).
+    """G: (B, H, W, C) images in [0, 1] -> (B, classes) probabilities.
 
     The image is cut into p x p patches at `stride` (default p, disjoint, with
     zero padding at the border), the shared subnet scores every patch, and the
-    image's probability is the mean patch probability.
+    image's probability is the mean patch probability. `classes=1` is the
+    paper's binary model: a sigmoid per patch, output (B, 1) P(class 1 | image),
+    trained with binary cross-entropy. `classes=K > 1`: a softmax over K per
+    patch, output (B, K) the mean of the patch probability vectors (each row
+    sums to 1), trained with categorical cross-entropy (`loss_for`).
     """
     if patch_size < 1 or (stride is not None and stride < 1):
         raise PatchNetError(f"patch_size and stride must be positive, got {patch_size}, {stride}")
+    if classes < 1:
+        raise PatchNetError(f"classes must be 1 (binary, sigmoid) or K > 1 (softmax), got {classes}")
     subnet = build_subnet(
-        patch_size, channels=channels, filters=filters, conv_layers=conv_layers, padding=padding
+        patch_size, channels=channels, filters=filters, conv_layers=conv_layers, padding=padding,
+        classes=classes,
     )
     images = keras.Input((None, None, channels), name="image")
     if padding == "valid" and (stride or patch_size) < patch_size:
@@ -101,6 +109,28 @@ class PatchNet(keras.Model):
             if isinstance(layer, PatchwiseSubnet) and name == layer.layer.name:
                 return layer.layer
         return super().get_layer(name, index)
+
+
+def output_classes(class_count):
+    """Model outputs for a dataset of `class_count` classes: two classes are the
+    paper's binary model (one sigmoid output), K > 2 a softmax over K."""
+    if class_count < 2:
+        raise PatchNetError(f"a classifier needs at least two classes, got {class_count}")
+    return 1 if class_count == 2 else class_count
+
+
+def class_count(model):
+    """How many classes a model (PatchNet or baseline) tells apart: 2 for a binary model."""
+    outputs = model.output_shape[-1]
+    return 2 if outputs == 1 else outputs
+
+
+def loss_for(outputs):
+    """The training loss of a model with `outputs` probabilities per image: binary
+    cross-entropy on (B, 1) labels for one output, categorical on one-hot (B, K) labels."""
+    if outputs == 1:
+        return keras.losses.BinaryCrossentropy()
+    return keras.losses.CategoricalCrossentropy()
 
 
 def patch_geometry(model):

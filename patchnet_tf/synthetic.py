@@ -22,3 +22,33 @@ def write_appendix_a_dataset(root, copies=8, image_size=128, square_size=64):
         for index in range(copies):
             cv2.imwrite(os.path.join(root, name, f"{index:03d}.png"), (image * 255).astype(np.uint8))
     return root
+
+
+def k_class_images(image_size=128, square_size=64, channels=1, grey=0.5):
+    """Appendix A with three classes (docs/k-classes.md): (3, H, W, C) float32
+    [all black, white square, grey square] in the top-left corner, labels [0, 1, 2]."""
+    images = np.zeros((3, image_size, image_size, channels), np.float32)
+    images[1, :square_size, :square_size] = 1.0
+    images[2, :square_size, :square_size] = grey
+    return images, np.array([0, 1, 2], np.int64)
+
+
+def k_class_optimum(shared, feature, classes=3):
+    """The loss-minimizing patch and image probabilities of the K-class setting.
+
+    Every image has `shared` + `feature` patches; class 0 images are all
+    shared (black) patches, a class-k image (k >= 1) has `feature` patches of
+    its own feature. Returns (Q(. | shared patch), P(. | image of class k)
+    for k = 0..K-1), the derivation in docs/k-classes.md: the feature patch of
+    class k puts all its mass on k, and the shared patch gives
+    (shared - feature) / (K * shared) to every class k >= 1.
+    """
+    if shared <= feature:
+        raise ValueError("the closed form needs more shared than feature patches (a > b)")
+    others = (shared - feature) / (classes * shared)
+    patch = np.array([1.0 - (classes - 1) * others] + [others] * (classes - 1))
+    share = shared / (shared + feature)
+    images = [patch]
+    for label in range(1, classes):
+        images.append(share * patch + (1.0 - share) * np.eye(classes)[label])
+    return patch, np.stack(images)

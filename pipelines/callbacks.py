@@ -149,11 +149,15 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
 
     Each logged picture is [image | heatmap (white = class 1) | overlay], so
     TensorBoard's step slider shows the evidence maps sharpen during training.
+    A K-class model logs one such picture per image and class (white = that
+    class), under `<name>/<class name>/`.
     """
 
-    def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps", display_images=None):
+    def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps", display_images=None,
+                 class_names=None):
         """`images` are model inputs; `display_images` the [0, 1] pictures they come from (default: the same)."""
         super().__init__()
+        self.class_names = None if class_names is None else list(class_names)
         self.writer_dir = log_dir
         self.images = np.asarray(images, np.float32)
         self.display_images = self.images if display_images is None else np.asarray(display_images, np.float32)
@@ -172,19 +176,61 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
 
         model = inference_model(self.model)
         maps = heatmap(model, self.images, stride=self.stride)
-        pictures = []
-        for image, heat in zip(self.display_images, maps):
+        per_class = maps.ndim == 4  # (B, H, W, K) of a K-class model
+        if not per_class:
+            maps = maps[..., None]
+        class_names = self.class_names or [str(index) for index in range(maps.shape[-1])]
+
+        def picture(image, heat):
             rgb = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
             gray = np.repeat(heatmap_to_gray(heat)[..., None], 3, axis=-1) / 255.0
             overlay = cv2.cvtColor(heatmap_overlay(rgb, heat), cv2.COLOR_BGR2RGB) / 255.0
-            pictures.append(np.concatenate([rgb, gray, overlay], axis=1))
+            return np.concatenate([rgb, gray, overlay], axis=1)[None].astype(np.float32)
+
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.writer_dir)
         with self._writer.as_default():
-            for index, picture in enumerate(pictures):
+            for index, (image, image_maps) in enumerate(zip(self.display_images, maps)):
                 label = "" if self.labels is None else f"-class{int(self.labels[index])}"
-                tf.summary.image(f"{self.name}/{index:02d}{label}", picture[None].astype(np.float32),
-                                 step=epoch)  # the step Keras' TensorBoard uses
+                for klass in range(image_maps.shape[-1]):
+                    folder = f"{self.name}/{class_names[klass]}" if per_class else self.name
+                    tf.summary.image(f"{folder}/{index:02d}{label}", picture(image, image_maps[..., klass]),
+                                     step=epoch)  # the step Keras' TensorBoard uses
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TensorBoardConfusionMatrix(keras.callbacks.Callback):
+    """Every `every` epochs, the validation confusion matrix as a TensorBoard image (K-class runs)."""
+
+    def __init__(self, log_dir, val_data, class_names, *, every=5):
+        super().__init__()
+        self.log_dir = log_dir
+        self.val_data = val_data
+        self.class_names = list(class_names)
+        self.every = int(every)
+        self._labels = None
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every < 1 or (epoch + 1) % self.every:
+            return
+        from patchnet_tf.metrics import confusion_matrix, confusion_matrix_image
+
+        if self._labels is None:
+            self._labels = np.concatenate([labels for _, labels in self.val_data.as_numpy_iterator()]).argmax(-1)
+        probabilities = inference_model(self.model).predict(self.val_data.map(lambda images, _: images), verbose=0)
+        matrix = confusion_matrix(self._labels, probabilities.argmax(-1), len(self.class_names))
+        names = ", ".join(f"{index} {name}" for index, name in enumerate(self.class_names))
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        with self._writer.as_default():
+            tf.summary.image("confusion_matrix", confusion_matrix_image(matrix, self.class_names)[None], step=epoch,
+                             description=f"validation; rows true, columns predicted class: {names}")
         self._writer.flush()
 
     def on_train_end(self, logs=None):

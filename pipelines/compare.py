@@ -11,6 +11,11 @@ Stages, each announced as it starts:
 
 The figure has one row per sampled image (class 1 first, then class 0, like
 the paper's): original | mask | PatchNet-p | CAM | Grad-CAM, white = class 1.
+
+K classes (docs/k-classes.md; masks MASKS/<class>/<stem>.png): Table 1 adds
+the macro AUROC, Table 2 has one row per map and masked class (each class's
+map against that class's masks), and a figure row shows the mask and maps of
+the sampled image's own class (its first masked class for an unmasked one).
 """
 
 import csv
@@ -176,11 +181,31 @@ def table1(results, names, splits):
     return markdown_table(header, rows), _csv_text(csv_header, csv_rows)
 
 
+def table1_k(results, names, splits, class_names):
+    """(markdown, csv) of loss, accuracy, macro and per-class AUROC per model and split (K classes)."""
+    header, csv_header = ["Model", "Split", "Loss", "Accuracy", "Macro AUROC"], ["model", "split", "loss",
+                                                                                   "accuracy", "macro_auroc"]
+    header += [f"AUROC {name}" for name in class_names]
+    csv_header += [f"auroc_{name}" for name in class_names]
+    rows, csv_rows = [], []
+    for arch, by_split in results.items():
+        for split in splits:
+            result = by_split[split]
+            rows.append([names[arch][0], SPLIT_TITLES[split], f"{result['loss']:.3f}",
+                         format_percent(result["accuracy"]), format_number(result["auroc"])]
+                        + [format_number(value) for value in result["auroc_per_class"]])
+            csv_rows.append([names[arch][0], split, f"{result['loss']:.6f}", f"{result['accuracy']:.6f}",
+                             f"{result['auroc']:.6f}"] + [f"{value:.6f}" for value in result["auroc_per_class"]])
+    return markdown_table(header, rows), _csv_text(csv_header, csv_rows)
+
+
 def table2(mask_results, names):
     """(markdown, csv) of the mask metrics per map (paper Table 2)."""
     header = ["Model", "Average Exact Match", "Average Recall", "Average AUROC",
               "Exact Match, Border Band", "Exact Match, Interior"]
     keys = ("exact_match", "recall", "auroc", "exact_match_border", "exact_match_interior")
+    if "threshold" not in next(iter(mask_results.values())):  # K classes: arch -> class -> metrics
+        return _table2_k(mask_results, names, header, keys)
     rows, csv_rows = [], []
     for arch, metrics in mask_results.items():
         rows.append([names[arch][1]] + [
@@ -198,6 +223,41 @@ def table2(mask_results, names):
     )
     csv_header = ["model", *keys, "images", "recall_images", "auroc_images", "threshold"]
     return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
+
+
+def _table2_k(mask_results, names, header, keys):
+    header = header[:1] + ["Class"] + header[1:]
+    rows, csv_rows = [], []
+    for arch, by_class in mask_results.items():
+        for class_name, metrics in by_class.items():
+            rows.append([names[arch][1], class_name] + [
+                format_number(metrics[key]) if key == "auroc" else format_percent(metrics[key]) for key in keys
+            ])
+            csv_rows.append([names[arch][1], class_name] + [
+                "" if math.isnan(metrics[key]) else f"{metrics[key]:.6f}" for key in keys
+            ] + [metrics["images"], metrics["recall_images"], metrics["auroc_images"], metrics["threshold"]])
+    metrics = next(iter(next(iter(mask_results.values())).values()))
+    note = (
+        f"\nEach class's map against that class's masks over {metrics['images']} images (every image of the "
+        f"split; a mask is all black on images of other classes), thresholded at {metrics['threshold']:g}; "
+        "recall over the images of that class, AUROC over those whose mask has both values; "
+        f"the border band is the {metrics['border']} pixels along the image border (half a patch).\n"
+    )
+    csv_header = ["model", "class", *keys, "images", "recall_images", "auroc_images", "threshold"]
+    return markdown_table(header, rows) + note, _csv_text(csv_header, csv_rows)
+
+
+def sample_indices_k(labels, count, classes, seed=0):
+    """Up to `count` indices spread over the classes by turns (class 1, 2, ..., then 0), each class's sorted."""
+    rng = np.random.default_rng(seed)
+    order = list(range(1, classes)) + [0]
+    pools = {label: list(rng.permutation(np.flatnonzero(labels == label))) for label in order}
+    picks = {label: [] for label in order}
+    while sum(map(len, picks.values())) < count and any(pools.values()):
+        for label in order:
+            if pools[label] and sum(map(len, picks.values())) < count:
+                picks[label].append(int(pools[label].pop(0)))
+    return [index for label in order for index in sorted(picks[label])]
 
 
 def sample_indices(labels, count, seed=0):
@@ -225,8 +285,9 @@ def _cell(array, cell):
     return cv2.resize(array, (cell, cell), interpolation=cv2.INTER_NEAREST)
 
 
-def figure_grid(images, masks, maps, titles, *, cell=128, gap=4):
-    """RGB uint8 grid: one row per image, columns original | mask | each map, titles on top."""
+def figure_grid(images, masks, maps, titles, *, cell=128, gap=4, row_labels=None):
+    """RGB uint8 grid: one row per image, columns original | mask | each map, titles on top;
+    `row_labels` (K classes: the class whose mask and maps a row shows) go on the mask cell."""
     columns = len(maps) + 2
     header = 24
     height = header + len(images) * (cell + gap)
@@ -244,6 +305,11 @@ def figure_grid(images, masks, maps, titles, *, cell=128, gap=4):
         for column, content in enumerate(cells):
             left = column * (cell + gap)
             grid[top : top + cell, left : left + cell] = _cell(content, cell)
+        if row_labels is not None:
+            left = cell + gap
+            cv2.rectangle(grid, (left, top), (left + 8 + 8 * len(row_labels[row]), top + 16), (255, 255, 255), -1)
+            cv2.putText(grid, row_labels[row], (left + 3, top + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                        cv2.LINE_AA)
     return grid
 
 
@@ -271,11 +337,18 @@ def compare(args):
     masks_dir = args.masks or os.path.join(args.data, "masks")
     if not os.path.isdir(masks_dir):
         raise PatchNetError(f"{masks_dir}: no mask folder (compare needs masks; pass --masks DIR)")
-    splits = load_dataset(args.data, seed=args.seed).splits
-    if args.mask_split not in splits:
+    dataset = load_dataset(args.data, seed=args.seed)
+    if args.mask_split not in dataset.splits:
         raise PatchNetError(f"{args.data}: no {args.mask_split} split for --mask-split {args.mask_split} "
-                            f"(it has {', '.join(sorted(splits))})")
-    evaluation.mask_pairs(splits[args.mask_split].paths, masks_dir)  # a missing mask, named now
+                            f"(it has {', '.join(sorted(dataset.splits))})")
+    class_names = list(dataset.class_names)
+    k_classes = len(class_names) > 2
+    masked = evaluation.masked_classes(masks_dir, class_names) if k_classes else None
+    mask_split_paths = dataset.splits[args.mask_split].paths  # a missing mask is named now, not after training
+    if k_classes:
+        evaluation.class_mask_pairs(mask_split_paths, masks_dir, masked)
+    else:
+        evaluation.mask_pairs(mask_split_paths, masks_dir)
     total = len(ARCHS) + 3
     stage = lambda number, text: _stage(number, total, text)  # noqa: E731
     runs = train_or_load(configs, train=not args.no_train, stage=stage)
@@ -299,25 +372,46 @@ def compare(args):
     mask_results, maps, inputs, masks, labels = {}, [], None, None, None
     for arch, (model, preprocessing, train_config) in runs.items():
         split = evaluation.load_split(args.data, preprocessing, args.mask_split, train_config)
-        pairs = evaluation.mask_pairs(split.paths, masks_dir)
+        if k_classes:
+            pairs = evaluation.class_mask_pairs(split.paths, masks_dir, masked)
+        else:
+            pairs = evaluation.mask_pairs(split.paths, masks_dir)
         model_inputs, heatmaps, model_masks = evaluation.masked_heatmaps(
             model, preprocessing, pairs, heatmap_stride=args.heatmap_stride,
             batch_size=args.eval_batch_size, progress=f"  {names[arch][1]} maps",
         )
-        mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold,
-                                          border=args.patch_size // 2)
+        if k_classes:
+            mask_results[arch] = evaluation.class_mask_metrics(
+                heatmaps, model_masks, class_names, masked, threshold=args.threshold, border=args.patch_size // 2)
+        else:
+            mask_results[arch] = mask_metrics(heatmaps, model_masks, threshold=args.threshold,
+                                              border=args.patch_size // 2)
         maps.append(heatmaps)
         if inputs is None:
-            inputs, masks, labels = model_inputs, model_masks, split.labels
+            labels = split.labels[[split.paths.index(path) for path, _ in pairs]] if k_classes else split.labels
+            inputs, masks = model_inputs, model_masks
         elif heatmaps.shape[1:] != maps[0].shape[1:]:
             raise PatchNetError("compare needs the three models at the same image size")
 
     stage(len(ARCHS) + 3, f"writing tables and figure to {args.out}")
-    table1_md, table1_csv = table1(results, names, splits)
+    table1_md, table1_csv = (table1_k(results, names, splits, class_names) if k_classes
+                             else table1(results, names, splits))
     table2_md, table2_csv = table2(mask_results, names)
-    picks = sample_indices(np.asarray(labels), args.samples, args.seed)
-    grid = figure_grid(inputs[picks], masks[picks], [heat[picks] for heat in maps],
-                       [names[arch][1] for arch in runs], cell=args.cell)
+    if k_classes:
+        picks = sample_indices_k(np.asarray(labels), args.samples, len(class_names), args.seed)
+        # Each row: the mask and the maps of the image's own class (its first masked class if unmasked).
+        columns = [masked.index(class_names[label]) if class_names[label] in masked else 0 for label in labels[picks]]
+        shown = [class_names.index(masked[column]) for column in columns]
+        masks = np.stack([masks[index][..., column] for index, column in zip(picks, columns)])
+        maps = [np.stack([heat[index][..., klass] for index, klass in zip(picks, shown)]) for heat in maps]
+        picked_inputs = inputs[picks]
+        row_labels = [f"{class_names[label]}: {class_names[klass]} map" for label, klass in zip(labels[picks], shown)]
+    else:
+        picks = sample_indices(np.asarray(labels), args.samples, args.seed)
+        masks, maps, picked_inputs = masks[picks], [heat[picks] for heat in maps], inputs[picks]
+        row_labels = None
+    grid = figure_grid(picked_inputs, masks, maps, [names[arch][1] for arch in runs], cell=args.cell,
+                       row_labels=row_labels)
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "table1.md"), table1_md)
     atomic_write_text(os.path.join(args.out, "table1.csv"), table1_csv)

@@ -1,11 +1,16 @@
 """Datasets on disk -> tf.data pipelines of (image, label) batches.
 
-Folder format (SPEC section 7): DATA/<class>/*.png|jpg|jpeg|bmp|tif, two
-class folders; class 1 is the second in sorted order unless
-`positive_class` names it. With DATA/train, DATA/val (and DATA/test) the
-splits come from those folders, otherwise from a seeded fraction.
-ISIC 2017 format: a ground-truth CSV (image_id,melanoma,...) and an image
-folder holding <image_id>.jpg. Masks: a flat folder of <stem>.png.
+Folder format (SPEC section 7): DATA/<class>/*.png|jpg|jpeg|bmp|tif. Two
+class folders are the paper's binary task: class 1 is the second in sorted
+order unless `positive_class` (or DATA/dataset.json) names it. K > 2 class
+folders are a K-class task (docs/k-classes.md): the class order is
+dataset.json's "class_names" when present, else sorted names. With
+DATA/train, DATA/val (and DATA/test) the splits come from those folders,
+otherwise from a seeded fraction.
+ISIC 2017 format: a ground-truth CSV (image_id,melanoma,seborrheic_keratosis)
+and an image folder holding <image_id>.jpg; task "melanoma" (the paper's,
+the default) is binary, task "diagnosis" the three diagnoses.
+Masks: a flat folder of <stem>.png (binary); masks/<class>/<stem>.png (K classes).
 """
 
 import csv
@@ -23,7 +28,11 @@ from patchnet_tf.preprocessing import decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
-DATASET_FILE = "dataset.json"  # optional: {"class_names": [class 0, class 1]}
+DATASET_FILE = "dataset.json"  # optional: {"class_names": [class 0, class 1, ...]}
+ISIC_TASKS = {
+    "melanoma": ("benign", "melanoma"),  # the paper's binary task
+    "diagnosis": ("nevus", "melanoma", "seborrheic_keratosis"),  # nevus: neither of the two columns
+}
 
 # OpenCV prints libtiff's own "[ERROR] TIFFFetchDirectory" lines for a corrupt TIFF; every
 # undecodable file is reported here, by name, once (or listed under --skip-bad).
@@ -73,11 +82,25 @@ def _list_split(root, class_names):
     return Split(paths, np.array(labels, np.int64))
 
 
-def _order_classes(names, positive_class, root):
-    if len(names) != 2:
+def _order_classes(names, positive_class, root, declared=None):
+    if len(names) < 2:
         raise PatchNetError(
-            f"{root}: expected exactly two class folders, found {len(names)}: {', '.join(names) or 'none'}"
+            f"{root}: expected two or more class folders, found {len(names)}: {', '.join(names) or 'none'}"
         )
+    if len(names) > 2:
+        if positive_class is not None:
+            raise PatchNetError(
+                f"--positive-class applies to two classes; {root} has {len(names)} "
+                f"({', '.join(names)}): order them with {DATASET_FILE}"
+            )
+        if declared is None:
+            return tuple(names)
+        if sorted(declared) != sorted(names):
+            raise PatchNetError(
+                f"{os.path.join(root, DATASET_FILE)}: class_names {', '.join(declared)} are not "
+                f"the class folders {', '.join(names)}"
+            )
+        return tuple(declared)
     if positive_class is None:
         return tuple(names)
     if positive_class not in names:
@@ -85,25 +108,29 @@ def _order_classes(names, positive_class, root):
     return tuple(name for name in names if name != positive_class) + (positive_class,)
 
 
-def _declared_positive_class(root):
-    """Class 1 as declared by ROOT/dataset.json (the bundled texture dataset writes one)."""
+def _declared_class_names(root):
+    """The class order ROOT/dataset.json declares (the bundled texture datasets write one), or None."""
     path = os.path.join(root, DATASET_FILE)
     if not os.path.exists(path):
         return None
     try:
         with open(path) as file:
-            return json.load(file)["class_names"][1]
+            names = json.load(file)["class_names"]
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(name, str) for name in names):
+            raise ValueError("class_names must list two or more folder names")
+        return names
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise PatchNetError(f"{path}: expected {{\"class_names\": [class 0, class 1]}} ({error})") from None
+        raise PatchNetError(f"{path}: expected {{\"class_names\": [class 0, class 1, ...]}} ({error})") from None
 
 
 def load_folder_dataset(root, *, positive_class=None, val_fraction=0.2, seed=0):
     """Lists a folder dataset and splits it; nothing is decoded yet."""
     folders = _class_folders(root)
-    if positive_class is None:
-        positive_class = _declared_positive_class(root)
+    declared = _declared_class_names(root)
+    if positive_class is None and declared is not None and len(declared) == 2:
+        positive_class = declared[1]
     if "train" in folders:
-        class_names = _order_classes(_class_folders(os.path.join(root, "train")), positive_class, root)
+        class_names = _order_classes(_class_folders(os.path.join(root, "train")), positive_class, root, declared)
         splits = {
             name: _list_split(os.path.join(root, name), class_names)
             for name in SPLIT_NAMES
@@ -112,7 +139,7 @@ def load_folder_dataset(root, *, positive_class=None, val_fraction=0.2, seed=0):
         if "val" not in splits:
             splits["train"], splits["val"] = split_fraction(splits["train"], val_fraction, seed)
         return FolderDataset(class_names, splits)
-    class_names = _order_classes(folders, positive_class, root)
+    class_names = _order_classes(folders, positive_class, root, declared)
     train, val = split_fraction(_list_split(root, class_names), val_fraction, seed)
     return FolderDataset(class_names, {"train": train, "val": val})
 
@@ -130,49 +157,65 @@ def split_fraction(split, fraction, seed):
     return pick(~second), pick(second)
 
 
-def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0):
-    """ISIC 2017 ground truth (`image_id,melanoma,...`) -> a seeded train/val split.
+def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0, task="melanoma"):
+    """ISIC 2017 ground truth (`image_id,melanoma,seborrheic_keratosis`) -> a seeded train/val split.
 
-    Images are `<image_dir>/<image_id>.jpg` (or .png, ...); `image_dir`
-    defaults to the CSV's folder. Class 1 is melanoma.
+    Images are `<image_id>.jpg` (or .png, ...) in `image_dir`, by default the
+    CSV's folder. Task "melanoma" (the paper's): class 1 is melanoma, class 0
+    the rest. Task "diagnosis": nevus (neither column set), melanoma,
+    seborrheic_keratosis; a row with both columns set is an error.
     """
+    if task not in ISIC_TASKS:
+        raise PatchNetError(f"--isic-task must be one of {', '.join(ISIC_TASKS)}, got {task!r}")
+    columns = ("melanoma",) if task == "melanoma" else ("melanoma", "seborrheic_keratosis")
     image_dir = image_dir or os.path.dirname(os.path.abspath(csv_path))
     try:
         with open(csv_path, newline="") as file:
             rows = list(csv.DictReader(file))
     except OSError as error:
         raise PatchNetError(f"{csv_path}: unreadable ({error.strerror})") from None
-    if not rows or not {"image_id", "melanoma"} <= set(rows[0]):
-        raise PatchNetError(f"{csv_path}: expected an ISIC ground-truth CSV with columns image_id,melanoma")
+    if not rows or not {"image_id", *columns} <= set(rows[0]):
+        raise PatchNetError(
+            f"{csv_path}: expected an ISIC ground-truth CSV with columns image_id,{','.join(columns)}"
+        )
     if not os.path.isdir(image_dir):
         raise PatchNetError(f"{image_dir}: no such image folder for {csv_path}")
     present = {os.path.splitext(name)[0]: name for name in sorted(os.listdir(image_dir))
                if name.lower().endswith(IMAGE_EXTENSIONS)}
     paths, labels = [], []
     for line, row in enumerate(rows, start=2):
-        try:
-            label = int(float(row["melanoma"]))
-        except (TypeError, ValueError):
-            label = -1
-        if label not in (0, 1):
-            raise PatchNetError(f"{csv_path}, line {line}: melanoma must be 0 or 1, got {row['melanoma']!r}")
+        flags = []
+        for column in columns:
+            try:
+                flag = int(float(row[column]))
+            except (TypeError, ValueError):
+                flag = -1
+            if flag not in (0, 1):
+                raise PatchNetError(f"{csv_path}, line {line}: {column} must be 0 or 1, got {row[column]!r}")
+            flags.append(flag)
+        if sum(flags) > 1:
+            raise PatchNetError(f"{csv_path}, line {line}: both melanoma and seborrheic_keratosis are 1")
+        # Class 0 when no column is set; else 1 + the index of the set column.
+        label = flags.index(1) + 1 if 1 in flags else 0
         image_id = row["image_id"]
         # A missing file is reported (or skipped) by the decode pass, like a corrupt one.
         paths.append(os.path.join(image_dir, present.get(image_id, image_id + ".jpg")))
         labels.append(label)
     split = Split(paths, np.array(labels, np.int64))
-    if len(np.unique(split.labels)) != 2:
-        raise PatchNetError(f"{csv_path}: needs images of both classes")
+    class_names = ISIC_TASKS[task]
+    missing = [name for label, name in enumerate(class_names) if not np.any(split.labels == label)]
+    if missing:
+        raise PatchNetError(f"{csv_path}: needs images of every class; none of {', '.join(missing)}")
     train, val = split_fraction(split, val_fraction, seed)
-    return FolderDataset(("benign", "melanoma"), {"train": train, "val": val})
+    return FolderDataset(class_names, {"train": train, "val": val})
 
 
-def load_dataset(path, *, positive_class=None, image_dir=None, val_fraction=0.2, seed=0):
+def load_dataset(path, *, positive_class=None, image_dir=None, val_fraction=0.2, seed=0, isic_task="melanoma"):
     """A folder dataset, or an ISIC CSV when `path` is a .csv file (SPEC section 7)."""
     if path.lower().endswith(".csv"):
         if positive_class is not None:
             raise PatchNetError("--positive-class applies to folder datasets; in an ISIC CSV melanoma is class 1")
-        return load_isic_dataset(path, image_dir=image_dir, val_fraction=val_fraction, seed=seed)
+        return load_isic_dataset(path, image_dir=image_dir, val_fraction=val_fraction, seed=seed, task=isic_task)
     return load_folder_dataset(path, positive_class=positive_class, val_fraction=val_fraction, seed=seed)
 
 
@@ -248,10 +291,18 @@ def _mask_paths(split, mask_dir):
     return paths
 
 
+def encode_labels(labels, class_count):
+    """Integer labels -> what the model is trained on: float32 (..., 1) for two
+    classes (binary cross-entropy), one-hot float32 (..., K) for K > 2 (categorical)."""
+    if class_count == 2:
+        return tf.cast(labels, tf.float32)[..., None]
+    return tf.one_hot(labels, class_count, dtype=tf.float32)
+
+
 def _loader(preprocessing, with_masks):
     def load(path, label, mask_path=None):
         image = preprocessing(decode_file(path, preprocessing.channels))
-        label = tf.cast(label, tf.float32)[None]
+        label = encode_labels(label, len(preprocessing.class_names))
         if not with_masks:
             return image, label
         return image, label, decode_mask(tf.io.read_file(mask_path), preprocessing.image_size)
@@ -371,7 +422,8 @@ def image_dataset(
     back to back, each in its own `epoch_order`; with `shuffle`, every epoch
     in a different order. `balance` (training): each epoch draws the same
     number of images from every class, in shuffled order, len(split) images
-    in all, whatever the class ratio on disk. Labels are float32 (B, 1);
+    in all, whatever the class ratio on disk. Labels are float32 (B, 1) for
+    two classes, one-hot float32 (B, K) for K (`encode_labels`);
     masks float32 (B, H, W, 1) of 0 / 1 when `mask_dir` is given.
     """
     if cache not in ("auto", "memory", "off"):

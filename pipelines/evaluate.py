@@ -6,6 +6,11 @@ class-1 map comes from `patchnet_tf.explain.explain`. Classification metrics
 are computed from the predicted probabilities: loss is Keras's binary
 cross-entropy, accuracy thresholds at 0.5, AUROC is exact (scikit-learn),
 not the 200-bucket approximation `keras.metrics.AUC` logs during training.
+
+K-class models (docs/k-classes.md): categorical cross-entropy, accuracy of
+the most probable class, one-vs-rest AUROC per class and their mean (macro,
+reported as "auroc"), and the confusion matrix. Their masks are
+MASKS/<class>/<stem>.png, scored against that class's map, per class.
 """
 
 import json
@@ -19,7 +24,14 @@ from patchnet_tf.atomic import atomic_write_text, check_output_path
 from patchnet_tf.flag_types import positive_int, unit_interval
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.metrics import format_number, format_percent, mask_metrics, read_mask
+from patchnet_tf.metrics import (
+    confusion_matrix,
+    format_confusion_matrix,
+    format_number,
+    format_percent,
+    mask_metrics,
+    read_mask,
+)
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 from pipelines.progress import Progress
@@ -31,7 +43,8 @@ def add_arguments(parser):
     parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val, DATA/test)")
     parser.add_argument("--split", choices=("val", "test", "train"), default="val", help="which split of DATA")
     parser.add_argument("--masks", default=None, metavar="DIR",
-                        help="folder of binary mask PNGs named like the images: adds exact match, recall, AUROC")
+                        help="folder of binary mask PNGs named like the images (K classes: DIR/<class>/): "
+                        "adds exact match, recall, AUROC")
     parser.add_argument("--threshold", type=unit_interval, default=0.5, help="heatmap threshold for the mask metrics")
     parser.add_argument("--heatmap-stride", type=positive_int, default=1,
                         help="PatchNet heatmap stride; s costs about 1/s^2 of stride 1 for padding='same' models")
@@ -55,8 +68,9 @@ def load_split(data, preprocessing, split, train_config=None):
     try:
         dataset = load_dataset(
             data,
-            positive_class=None if is_csv else preprocessing.class_names[-1],
+            positive_class=None if is_csv or len(preprocessing.class_names) > 2 else preprocessing.class_names[-1],
             image_dir=train_config.get("images"),
+            isic_task=train_config.get("isic_task", "melanoma"),
             val_fraction=train_config.get("val_fraction", 0.2),
             seed=train_config.get("seed", 0),
         )
@@ -77,7 +91,16 @@ def load_split(data, preprocessing, split, train_config=None):
 
 
 def classification_metrics(labels, probabilities):
-    """loss (binary cross-entropy), accuracy (at 0.5), AUROC (NaN with one class)."""
+    """loss (binary cross-entropy), accuracy (at 0.5), AUROC (NaN with one class).
+
+    (N, K) probabilities of a K-class model: categorical cross-entropy,
+    accuracy of the argmax, auroc_per_class (one-vs-rest, NaN for a class
+    absent or alone in the labels), auroc their mean over the defined ones,
+    and confusion_matrix (rows true, columns predicted).
+    """
+    probabilities = np.asarray(probabilities, np.float32)
+    if probabilities.ndim == 2 and probabilities.shape[1] > 1:
+        return _k_class_metrics(np.asarray(labels, np.int64).reshape(-1), probabilities)
     labels = np.asarray(labels, np.float32).reshape(-1)
     probabilities = np.asarray(probabilities, np.float32).reshape(-1)
     loss = float(np.mean(keras.ops.convert_to_numpy(
@@ -88,11 +111,32 @@ def classification_metrics(labels, probabilities):
     return {"loss": loss, "accuracy": accuracy, "auroc": auroc, "count": int(len(labels))}
 
 
+def _k_class_metrics(labels, probabilities):
+    classes = probabilities.shape[1]
+    one_hot = np.eye(classes, dtype=np.float32)[labels]
+    loss = float(np.mean(keras.ops.convert_to_numpy(keras.losses.categorical_crossentropy(one_hot, probabilities))))
+    per_class = [
+        float(roc_auc_score(one_hot[:, klass], probabilities[:, klass]))
+        if 0 < one_hot[:, klass].sum() < len(labels) else float("nan")
+        for klass in range(classes)
+    ]
+    defined = [value for value in per_class if not np.isnan(value)]
+    return {
+        "loss": loss,
+        "accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
+        "auroc": float(np.mean(defined)) if defined else float("nan"),
+        "auroc_per_class": per_class,
+        "confusion_matrix": confusion_matrix(labels, probabilities.argmax(axis=1), classes).tolist(),
+        "count": int(len(labels)),
+    }
+
+
 def predict(model, split, preprocessing, batch_size=16):
-    """P(class 1) for every image of the split, in order."""
+    """P(class 1) for every image of the split, in order; (N, K) probabilities for a K-class model."""
     # skip_bad=None: evaluate and compare have no --skip-bad to suggest.
     dataset = image_dataset(split, preprocessing, batch_size, skip_bad=None).map(lambda images, labels: images)
-    return np.asarray(model.predict(dataset, verbose=0), np.float32).reshape(-1)
+    probabilities = np.asarray(model.predict(dataset, verbose=0), np.float32)
+    return probabilities.reshape(-1) if probabilities.shape[-1] == 1 else probabilities
 
 
 def mask_pairs(image_paths, mask_dir, *, skip_missing=False):
@@ -128,9 +172,12 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         images = []
-        for image_path, mask_path in batch:
+        for image_path, mask_paths in batch:
             image = read_image(image_path, preprocessing.channels)
-            masks.append(read_mask(mask_path, size, image_shape=image.shape))
+            if isinstance(mask_paths, str):
+                masks.append(read_mask(mask_paths, size, image_shape=image.shape))
+            else:  # K classes: one mask per class, (H, W, K)
+                masks.append(np.stack([read_mask(path, size, image_shape=image.shape) for path in mask_paths], -1))
             images.append(np.asarray(preprocessing.prepare(image), np.float32))
         images = np.stack(images)
         inputs.append(images)
@@ -142,6 +189,36 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
         empty = np.zeros((0, *size), np.float32)
         return np.zeros((0, *size, preprocessing.channels), np.float32), empty, empty.astype(bool)
     return np.concatenate(inputs), np.concatenate(heatmaps), np.stack(masks)
+
+
+def masked_classes(masks_dir, class_names):
+    """The classes of a K-class model that have a mask folder MASKS/<class>/; an error when none has."""
+    if not os.path.isdir(masks_dir):
+        raise PatchNetError(f"{masks_dir}: no such mask folder")
+    classes = [name for name in class_names if os.path.isdir(os.path.join(masks_dir, name))]
+    if not classes:
+        raise PatchNetError(
+            f"{masks_dir}: no class folder ({', '.join(class_names)}); K-class masks are "
+            f"{os.path.join(masks_dir, '<class>', '<stem>.png')}"
+        )
+    return classes
+
+
+def class_mask_pairs(image_paths, masks_dir, classes, *, skip_missing=False):
+    """[(image path, [mask path per class])] for images with a mask in every MASKS/<class>/ of `classes`."""
+    by_class = [dict(mask_pairs(image_paths, os.path.join(masks_dir, name), skip_missing=skip_missing))
+                for name in classes]
+    return [(path, [masks[path] for masks in by_class]) for path in image_paths
+            if all(path in masks for masks in by_class)]
+
+
+def class_mask_metrics(heatmaps, masks, class_names, classes, *, threshold=0.5, border=None):
+    """class name -> mask_metrics of that class's map against its masks (the output of masked_heatmaps)."""
+    return {
+        name: mask_metrics(heatmaps[..., class_names.index(name)], masks[..., column], threshold=threshold,
+                           border=border)
+        for column, name in enumerate(classes)
+    }
 
 
 def evaluate_model(
@@ -162,14 +239,22 @@ def evaluate_model(
         raise PatchNetError("the split to evaluate holds no images")
     results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
     if masks_dir is not None:
-        pairs = mask_pairs(split.paths, masks_dir, skip_missing=skip_unmasked)
+        class_names = list(preprocessing.class_names)
+        classes = masked_classes(masks_dir, class_names) if len(class_names) > 2 else None
+        if classes is None:
+            pairs = mask_pairs(split.paths, masks_dir, skip_missing=skip_unmasked)
+        else:
+            pairs = class_mask_pairs(split.paths, masks_dir, classes, skip_missing=skip_unmasked)
         if not pairs:
             raise PatchNetError(f"{masks_dir}: no mask matches an image of the split")
         _, heatmaps, masks = masked_heatmaps(
             model, preprocessing, pairs, heatmap_stride=heatmap_stride, batch_size=batch_size,
             progress=progress,
         )
-        results["masks"] = mask_metrics(heatmaps, masks, threshold=threshold)
+        if classes is None:
+            results["masks"] = mask_metrics(heatmaps, masks, threshold=threshold)
+        else:
+            results["class_masks"] = class_mask_metrics(heatmaps, masks, class_names, classes, threshold=threshold)
     return results
 
 
@@ -179,23 +264,37 @@ def evaluate(model_path, data, *, split="val", **options):
     images = load_split(data, preprocessing, split, train_config)
     results = evaluate_model(model, preprocessing, images, **options)
     results["split"] = split
+    results["class_names"] = list(preprocessing.class_names)
     return results
 
 
+def _format_masks(masks, title="masks"):
+    return (
+        f"{title} (threshold {masks['threshold']:g}, {masks['images']} images): "
+        f"exact match {format_percent(masks['exact_match'])}  "
+        f"recall {format_percent(masks['recall'])} ({masks['recall_images']} with a non-empty mask)  "
+        f"AUROC {format_number(masks['auroc'])} ({masks['auroc_images']} with both values)"
+    )
+
+
 def format_results(results):
+    macro = "macro AUROC" if "auroc_per_class" in results else "AUROC"
     lines = [
         f"{results.get('split', 'split')}: {results['count']} images  "
         f"loss {results['loss']:.4f}  accuracy {format_percent(results['accuracy'])}  "
-        f"AUROC {format_number(results['auroc'])}"
+        f"{macro} {format_number(results['auroc'])}"
     ]
+    if "auroc_per_class" in results:
+        names = results.get("class_names") or [str(index) for index in range(len(results["auroc_per_class"]))]
+        lines.append("AUROC per class (one vs rest): " + "  ".join(
+            f"{name} {format_number(value)}" for name, value in zip(names, results["auroc_per_class"])))
+        lines.append("confusion matrix (rows: true class, columns: predicted class):")
+        lines.append(format_confusion_matrix(np.asarray(results["confusion_matrix"]), names))
     masks = results.get("masks")
     if masks:
-        lines.append(
-            f"masks (threshold {masks['threshold']:g}, {masks['images']} images): "
-            f"exact match {format_percent(masks['exact_match'])}  "
-            f"recall {format_percent(masks['recall'])} ({masks['recall_images']} with a non-empty mask)  "
-            f"AUROC {format_number(masks['auroc'])} ({masks['auroc_images']} with both values)"
-        )
+        lines.append(_format_masks(masks))
+    for name, masks in results.get("class_masks", {}).items():
+        lines.append(_format_masks(masks, f"masks of {name}"))
     return "\n".join(lines)
 
 

@@ -8,6 +8,13 @@ with method `tensorflow/serving/predict`:
   classify_images             images float32 [B, H, W, 3]     -> probability, label
   heatmap_images              images float32 [B, H, W, 3]     -> heatmap, probability
 
+A K-class model (docs/k-classes.md) has the same signatures and inputs with
+these outputs (binary exports keep the ones above exactly):
+
+  classify, classify_images   probabilities float32 [B, K], label int64 [B] (the most probable class),
+                              class_name string [B] (its name; the names are a constant in the graph)
+  heatmap, heatmap_images     heatmap float32 [B, H, W, K] (one map per class), probabilities float32 [B, K]
+
 Decoding and preprocessing are the training code (`patchnet_tf.preprocessing`)
 traced into the graph, so the server sees what training saw. `images` inputs
 are 0..255 at any size; they are scaled to [0, 1] and resized in the graph.
@@ -103,6 +110,13 @@ class ServingModule:
         )
         height, width = preprocessing.image_size
         self._input_spec = tf.TensorSpec([height, width, preprocessing.channels], tf.float32)
+        self.classes = self.model.output_shape[-1]  # 1: the binary model
+        if self.classes > 1 and len(preprocessing.class_names) != self.classes:
+            raise PatchNetError(
+                f"the model has {self.classes} classes but preprocessing.json names "
+                f"{len(preprocessing.class_names)}: {', '.join(preprocessing.class_names)}"
+            )
+        self._map_shape = [height, width] + ([self.classes] if self.classes > 1 else [])
 
     # -- shared pieces -------------------------------------------------------
     def decode(self, image_bytes):
@@ -127,22 +141,32 @@ class ServingModule:
     def probability(self, inputs):
         return tf.cast(self.model(inputs, training=False), tf.float32)[:, 0]
 
+    def probabilities(self, inputs):
+        return tf.cast(self.model(inputs, training=False), tf.float32)
+
     def heatmaps(self, inputs):
         # One image at a time: memory is bounded by the heatmap's chunk, not the batch.
         height, width = self.preprocessing.image_size
         return tf.map_fn(
             self.heatmap_fn,
             inputs,
-            fn_output_signature=tf.TensorSpec([height, width], tf.float32),
+            fn_output_signature=tf.TensorSpec(self._map_shape, tf.float32),
             parallel_iterations=1,
         )
 
     def classify_outputs(self, inputs):
+        if self.classes > 1:
+            probabilities = self.probabilities(inputs)
+            label = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+            class_names = tf.constant(list(self.preprocessing.class_names), tf.string)
+            return {"probabilities": probabilities, "label": label, "class_name": tf.gather(class_names, label)}
         probability = self.probability(inputs)
         label = tf.cast(probability >= 0.5, tf.int64)
         return {"probability": probability, "label": label}
 
     def heatmap_outputs(self, inputs):
+        if self.classes > 1:
+            return {"heatmap": self.heatmaps(inputs), "probabilities": self.probabilities(inputs)}
         return {"heatmap": self.heatmaps(inputs), "probability": self.probability(inputs)}
 
     # -- the signatures ------------------------------------------------------

@@ -3,6 +3,10 @@
 For each image, `<stem>-heatmap.png` (grayscale, white = class 1 evidence)
 and `<stem>-overlay.png` (colour map over the preprocessed image); with
 `--filters`, `<stem>-filters.png`, a grid of the subnet's tanh feature maps.
+A K-class model (docs/k-classes.md) writes `<stem>-heatmap-<class>.png` and
+`<stem>-overlay-<class>.png` per class (white = that class) and
+`<stem>-classes.png`, every class's evidence in one colour map (class 0 black,
+then red, green, blue, ...: the probability-weighted mix of the class colours).
 """
 
 import os
@@ -14,7 +18,13 @@ from patchnet_tf.flag_types import positive_int
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gray, output_stems
+from patchnet_tf.heatmaps import (
+    class_colour_map,
+    filter_heatmaps,
+    heatmap_overlay,
+    heatmap_to_gray,
+    output_stems,
+)
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
@@ -73,8 +83,14 @@ def run(args):
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride)[0]
         prefix = os.path.join(args.out, stem)
-        cv2.imwrite(f"{prefix}-heatmap.png", heatmap_to_gray(heat))
-        cv2.imwrite(f"{prefix}-overlay.png", heatmap_overlay(image, heat))
+        if heat.ndim == 3:  # (H, W, K): one map per class
+            for klass, class_name in enumerate(preprocessing.class_names):
+                cv2.imwrite(f"{prefix}-heatmap-{class_name}.png", heatmap_to_gray(heat[..., klass]))
+                cv2.imwrite(f"{prefix}-overlay-{class_name}.png", heatmap_overlay(image, heat[..., klass]))
+            cv2.imwrite(f"{prefix}-classes.png", cv2.cvtColor(class_colour_map(heat), cv2.COLOR_RGB2BGR))
+        else:
+            cv2.imwrite(f"{prefix}-heatmap.png", heatmap_to_gray(heat))
+            cv2.imwrite(f"{prefix}-overlay.png", heatmap_overlay(image, heat))
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
             cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))

@@ -8,7 +8,8 @@ The steps, each of which must pass before the next runs:
                   server will compute), and the same for the version now
                   served (the highest BASE/<integer> that loads), if any
   bless           meets --min-accuracy / beats --min-auroc (0.5: chance) and is not worse than
-                  the served version by more than --tolerance
+                  the served version by more than --tolerance (K classes: accuracy of
+                  the most probable class, macro one-vs-rest AUROC)
   warmup          assets.extra/tf_serving_warmup_requests, every signature
   infra-validate  a fresh process loads it as TF Serving does, replays the
                   warmup requests and checks output shapes and ranges
@@ -64,7 +65,12 @@ class Evaluation:
 
 
 def evaluate_export(export_dir, paths, labels):
-    """Accuracy and AUROC of the SavedModel's classify signature on image files."""
+    """Accuracy and AUROC of the SavedModel's classify signature on image files.
+
+    A K-class export (a `probabilities` output): accuracy of its label, and
+    the macro AUROC, the mean one-vs-rest AUROC over the classes present
+    with others (None when fewer than two classes are present).
+    """
     model = LoadedModel(export_dir)
     try:
         probabilities = []
@@ -74,14 +80,23 @@ def evaluate_export(export_dir, paths, labels):
                 with open(path, "rb") as file:
                     batch.append(file.read())
             outputs = model.run("classify", {"image_bytes": np.array(batch, dtype=object)})
-            probabilities.append(outputs["probability"])
+            probabilities.append(outputs.get("probabilities", outputs.get("probability")))
     finally:
         model.close()
     probability = np.concatenate(probabilities)
     labels = np.asarray(labels)
+    if probability.ndim == 2:
+        return _k_class_evaluation(probability, labels)
     accuracy = float(np.mean((probability >= 0.5).astype(np.int64) == labels))
     auroc = float(roc_auc_score(labels, probability)) if len(np.unique(labels)) == 2 else None
     return Evaluation(accuracy, auroc, len(labels))
+
+
+def _k_class_evaluation(probabilities, labels):
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    per_class = [float(roc_auc_score(labels == klass, probabilities[:, klass]))
+                 for klass in range(probabilities.shape[1]) if 0 < np.sum(labels == klass) < len(labels)]
+    return Evaluation(accuracy, float(np.mean(per_class)) if per_class else None, len(labels))
 
 
 def blessing(candidate, baseline, *, min_accuracy=0.0, min_auroc=CHANCE_AUROC, tolerance=0.01):

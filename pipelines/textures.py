@@ -10,6 +10,8 @@ DTD experiment, the class-1 feature is local and may appear several times.
 Variants (`variant=`), so that a result on one is checked on another:
   "brick" (default)  grass or gravel background (by turns), brick inlays
   "grass"            brick or gravel background (by turns), grass inlays
+  classes=3           three classes on gravel: "plain", "brick" (brick inlays),
+                      "grass" (grass inlays); docs/k-classes.md
 The photographs are grey, and so are the images: only texture tells the
 classes apart, as in real data. `tint=True` colours each material (the old
 demo data, where colour alone gives the answer), kept for comparison only.
@@ -18,13 +20,17 @@ Layout (other code relies on it):
   root/{train,val,test}/{plain,inlay}/<stem>.png   8-bit images: grey, or RGB when tinted
   root/masks/<stem>.png                            uint8 0 / 255, all black for plain
   root/dataset.json                                {"class_names": ["plain", "inlay"]}
+With classes=3: root/{train,val,test}/{plain,brick,grass}/<stem>.png, and
+root/masks/<class>/<stem>.png for the two inlay classes, one per image of
+the dataset (white where that class's texture is, all black on images of
+the other classes); dataset.json lists the three classes in that order.
 Stems are unique over the dataset (e.g. inlay-train-0003). In sorted order
 "inlay" comes first; dataset.json tells `pipelines.data.load_folder_dataset`
 that class 1 is "inlay" (other readers: pass positive_class="inlay"). Everything is
 deterministic from `seed`: image i of a split and class depends only on
 (seed, split, class, i), so asking for more images keeps the first ones.
 
-    python -m pipelines.textures OUT [--image-size 64] [--count 40] [--seed 0]
+    python -m pipelines.textures OUT [--image-size 64] [--count 40] [--seed 0] [--classes 3]
 """
 
 import argparse
@@ -40,6 +46,9 @@ from pipelines.data import DATASET_FILE
 # variant -> (background textures, inlay texture)
 VARIANTS = {"brick": (("grass", "gravel"), "brick"), "grass": (("brick", "gravel"), "grass")}
 CLASS_NAMES = ("plain", "inlay")  # class 0, class 1
+# classes=3: (background textures, inlay texture of class 1, of class 2); class names plain + the inlays.
+THREE_CLASSES = (("gravel",), ("brick", "grass"))
+THREE_CLASS_NAMES = ("plain",) + THREE_CLASSES[1]
 SPLIT_NAMES = ("train", "val", "test")
 # tint=True only: each material's colour, so colour alone separates the classes.
 TINTS = {
@@ -109,6 +118,18 @@ def texture_example(seed, split, inlay, index, image_size=(64, 64), *, variant="
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     backgrounds, inlay_name = VARIANTS[variant]
     rng = np.random.default_rng([seed, list(VARIANTS).index(variant), SPLIT_NAMES.index(split), int(inlay), index])
+    return _example(rng, backgrounds, inlay_name if inlay else None, index, image_size, tint)
+
+
+def three_class_example(seed, split, label, index, image_size=(64, 64), *, tint=False):
+    """Image `index` of class `label` (0 plain, 1 brick inlays, 2 grass inlays) and its inlay mask."""
+    backgrounds, inlays = THREE_CLASSES
+    rng = np.random.default_rng([seed, len(VARIANTS), SPLIT_NAMES.index(split), int(label), index])
+    return _example(rng, backgrounds, inlays[label - 1] if label else None, index, image_size, tint)
+
+
+def _example(rng, backgrounds, inlay_name, index, image_size, tint):
+    """A background crop with, unless `inlay_name` is None, one to three inlays of that texture."""
     scale = rng.uniform(1.5, 2.5)  # texture pixels per image pixel: more structure per patch
     # Backgrounds by turns, not by chance: with 40 images a random draw can give
     # one class more gravel than the other, and a model learns that instead of
@@ -116,7 +137,7 @@ def texture_example(seed, split, inlay, index, image_size=(64, 64), *, variant="
     background = _material(rng, backgrounds[index % len(backgrounds)], image_size, scale, tint)
     image = background
     mask = np.zeros(image_size, np.uint8)
-    if inlay:
+    if inlay_name is not None:
         for _ in range(rng.integers(1, 4)):
             mask = np.maximum(mask, _shape_mask(rng, image_size))
         inlay_texture = _material(rng, inlay_name, image_size, scale, tint)
@@ -142,8 +163,11 @@ def _textures():
     return _TEXTURES
 
 
-def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, variant="brick", tint=False):
+def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, variant="brick", tint=False,
+                          classes=2):
     """Writes the dataset under `root` (layout and variants in the module docstring); returns root.
+
+    `classes=3` writes the three-class dataset (`variant` does not apply).
 
     `count`: images per class per split, an int or a dict such as
     {"train": 40, "val": 16, "test": 16} (the default). Files already
@@ -155,7 +179,12 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, vari
     if count is None:
         count = DEFAULT_COUNT
     counts = count if isinstance(count, dict) else {split: int(count) for split in SPLIT_NAMES}
+    if classes not in (2, 3):
+        raise ValueError(f"classes must be 2 or 3, got {classes!r}")
     os.makedirs(os.path.join(root, "masks"), exist_ok=True)
+    if classes == 3:
+        _write_three_classes(root, image_size, counts, seed, tint)
+        return root
     atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(CLASS_NAMES)}))
     for split in SPLIT_NAMES:
         for inlay, class_name in ((False, "plain"), (True, "inlay")):
@@ -167,6 +196,24 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, vari
                 _write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])  # RGB -> BGR; grey stays
                 _write_png(os.path.join(root, "masks", stem + ".png"), mask)
     return root
+
+
+def _write_three_classes(root, image_size, counts, seed, tint):
+    atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(THREE_CLASS_NAMES)}))
+    inlays = THREE_CLASS_NAMES[1:]
+    for name in inlays:
+        os.makedirs(os.path.join(root, "masks", name), exist_ok=True)
+    blank = np.zeros(image_size, np.uint8)
+    for split in SPLIT_NAMES:
+        for label, class_name in enumerate(THREE_CLASS_NAMES):
+            folder = os.path.join(root, split, class_name)
+            os.makedirs(folder, exist_ok=True)
+            for index in range(counts.get(split, 0)):
+                image, mask = three_class_example(seed, split, label, index, image_size, tint=tint)
+                stem = f"{class_name}-{split}-{index:04d}"
+                _write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])
+                for name in inlays:  # every image has a mask per inlay class: black unless it is that class
+                    _write_png(os.path.join(root, "masks", name, stem + ".png"), mask if name == class_name else blank)
 
 
 def _write_png(path, array):
@@ -188,9 +235,11 @@ def main(argv=None):
                         help="brick: brick inlays on grass or gravel; grass: grass inlays on brick or gravel")
     parser.add_argument("--tint", action="store_true",
                         help="colour each material (colour alone then separates the classes; not the default)")
+    parser.add_argument("--classes", type=int, choices=(2, 3), default=2,
+                        help="3: plain, brick and grass inlays on gravel, masks per class (--variant does not apply)")
     args = parser.parse_args(argv)
     write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
-                          variant=args.variant, tint=args.tint)
+                          variant=args.variant, tint=args.tint, classes=args.classes)
     print(f"wrote {args.root}")
 
 

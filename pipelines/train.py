@@ -6,7 +6,8 @@ A run folder holds everything about one run:
   train_config.json    the flags of the run; a resumed run must match them
   history.csv          one row per epoch (with `seconds`, the epoch's wall time)
   logs/                TensorBoard: train/ and validation/ scalars (loss, accuracy,
-                       auroc, seconds), heatmaps/ images, the run's HParams
+                       auroc, seconds), heatmaps/ images (one per class for K > 2),
+                       confusion_matrix/ (K > 2), the run's HParams
   backup/              per-epoch state; `patchnet train` on the same folder resumes
 
 Scale: the input pipeline is tf.data (pipelines/data.py); augmentation runs
@@ -17,6 +18,7 @@ machines) choose how the step runs. model.keras is always the plain model.
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -37,7 +39,7 @@ from patchnet_tf.flag_types import (
     zoom_factor,
 )
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.model import build_patchnet
+from patchnet_tf.model import build_patchnet, loss_for, output_classes
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
 from pipelines.callbacks import (
@@ -46,11 +48,13 @@ from pipelines.callbacks import (
     EarlyStoppingAfterPlateau,
     EpochSeconds,
     StopAtPerfectAccuracy,
+    TensorBoardConfusionMatrix,
     TensorBoardHeatmaps,
     backed_up_epochs,
+    inference_model,
     trim_csv_log,
 )
-from pipelines.data import Split, image_dataset, load_dataset
+from pipelines.data import ISIC_TASKS, Split, image_dataset, load_dataset
 
 MODEL_NAME = "model.keras"
 CONFIG_NAME = TRAIN_CONFIG_FILE
@@ -61,11 +65,13 @@ PATH_KEYS = ("data", "images")  # stored absolute: ./data/x and data/x are the s
 # How runs saved before these settings existed were trained: resuming one takes
 # --no-normalize --no-border-patches --stop-at-perfect-accuracy.
 BEFORE_NORMALIZATION = {"normalize": False, "border_patches": False, "stop_at_perfect_accuracy": True}
+# Flags added later, with the value every run saved before them was trained with.
+ADDED_LATER = {"isic_task": "melanoma"}
 
 
 def add_arguments(parser):
-    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val), "
-                        "or an ISIC 2017 ground-truth CSV (image_id,melanoma,...)")
+    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png, two or more classes (or DATA/train, "
+                        "DATA/val), or an ISIC 2017 ground-truth CSV (image_id,melanoma,...)")
     parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")
     add_model_arguments(parser)
     add_training_arguments(parser)
@@ -75,6 +81,9 @@ def add_training_arguments(parser):
     """Every `train` flag except DATA, --out and the model's (`patchnet sweep` reuses them)."""
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="ISIC CSV only: folder holding <image_id>.jpg (default: the CSV's folder)")
+    parser.add_argument("--isic-task", choices=sorted(ISIC_TASKS), default="melanoma",
+                        help="ISIC CSV only: melanoma (the paper's binary task) or diagnosis (three classes: "
+                        "nevus, melanoma, seborrheic_keratosis)")
     parser.add_argument("--image-size", type=image_size, default=(128, 128), help="HEIGHTxWIDTH")
     parser.add_argument("--gamma", type=positive_float, default=None, help="gamma correction, e.g. 2.2")
     parser.add_argument("--shades-of-gray", type=positive_float, default=None, metavar="NORM",
@@ -140,7 +149,9 @@ def add_model_arguments(parser):
                         help="only patches from the central HEIGHTxWIDTH vote (paper Appendix F)")
 
 
-def build_model(config, channels):
+def build_model(config, channels, class_count=2):
+    """The untrained model of a run: one sigmoid output for two classes, a softmax over K for K > 2."""
+    classes = output_classes(class_count)
     if config["arch"] == "patchnet":
         return build_patchnet(
             config["patch_size"],
@@ -150,19 +161,28 @@ def build_model(config, channels):
             conv_layers=config["conv_layers"],
             padding=config["padding"],
             region=config["region"],
+            classes=classes,
         )
     from patchnet_tf import baselines
 
-    return baselines.build(config["arch"], (*config["image_size"], channels), width=config["width"])
+    return baselines.build(config["arch"], (*config["image_size"], channels), width=config["width"],
+                           classes=classes)
 
 
 def compile_model(model, learning_rate, optimizer=None):
-    """Adam (paper: 1e-4), binary cross-entropy, accuracy and AUROC; `optimizer` overrides Adam."""
-    model.compile(
-        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auroc")],
-    )
+    """Adam (paper: 1e-4), cross-entropy, accuracy and AUROC; `optimizer` overrides Adam.
+
+    Binary models: binary cross-entropy. K-class models: categorical
+    cross-entropy, and "auroc" is the macro one-vs-rest AUROC over the K classes.
+    """
+    outputs = inference_model(model).output_shape[-1]
+    if outputs == 1:
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auroc")]
+    else:
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
+                   keras.metrics.AUC(name="auroc", multi_label=True, num_labels=outputs)]
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(learning_rate), loss=loss_for(outputs),
+                  metrics=metrics)
     return model
 
 
@@ -170,7 +190,7 @@ def _check_resume(out, config):
     stored = read_train_config(out)
     if not stored:
         return
-    previous = {**BEFORE_NORMALIZATION, **stored}
+    previous = {**BEFORE_NORMALIZATION, **ADDED_LATER, **stored}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     for key in PATH_KEYS:  # runs saved before paths were stored absolute
         if isinstance(previous.get(key), str):
@@ -215,6 +235,7 @@ def check_settings(config):
         image_dir=config["images"],
         val_fraction=config["val_fraction"],
         seed=config["seed"],
+        isic_task=config["isic_task"],
     )
 
 
@@ -278,13 +299,12 @@ def _write_hparams(log_dir, config):
 
 
 def _heatmap_examples(split, preprocessing, count):
-    """A fixed set of validation images, alternating classes: the same ones every epoch."""
-    from pipelines.data import Split
-
+    """A fixed set of validation images, spread over the classes: the same ones every epoch."""
     picks = []
-    for label in (0, 1):
+    classes = len(preprocessing.class_names)
+    for label in range(classes):
         members = [index for index, value in enumerate(split.labels) if value == label]
-        picks += members[: (count + 1 - label) // 2]
+        picks += members[: count // classes + (label < count % classes)]
     if not picks:
         return None, None
     subset = Split([split.paths[index] for index in picks], split.labels[picks])
@@ -293,7 +313,11 @@ def _heatmap_examples(split, preprocessing, count):
                                      skip_bad=True, on_skip=lambda *_: None, name="heatmap images"))
     except PatchNetError:  # every pick of a class was skipped as bad: no example images, training goes on
         return None, None
-    return batches[0] if batches else (None, None)
+    if not batches:
+        return None, None
+    images, labels = batches[0]
+    labels = np.asarray(labels)
+    return images, labels.reshape(-1) if labels.shape[-1] == 1 else labels.argmax(axis=-1)
 
 
 def train(config):
@@ -341,14 +365,14 @@ def train(config):
     keras.mixed_precision.set_global_policy(mixed_precision_policy(config["mixed_precision"]))
     try:
         with strategy.scope():
-            model = build_model(config, preprocessing.channels)
+            model = build_model(config, preprocessing.channels, len(dataset.class_names))
             trainer = AugmentedModel(model, augmentation_from(config), seed=config["seed"])
             compile_model(trainer, config["learning_rate"])
             # The saved model shares the trainer's optimizer, so model.keras holds its state too.
             compile_model(model, config["learning_rate"], optimizer=trainer.optimizer)
             # Built before fit, so a backup can be restored into it.
             trainer(tf.zeros((1, *preprocessing.image_size, preprocessing.channels)))
-        callbacks = _callbacks(config, run_dir, dataset, preprocessing)
+        callbacks = _callbacks(config, run_dir, dataset, preprocessing, val_data)
         history = trainer.fit(
             train_data,
             steps_per_epoch=int(train_data.cardinality()) // (epochs[1] - epochs[0]),
@@ -379,9 +403,11 @@ def fit_normalization(preprocessing, split, seed, max_images=512):
     return dataclasses.replace(preprocessing, mean=mean, std=std)
 
 
-def _callbacks(config, run_dir, dataset, preprocessing):
+def _callbacks(config, run_dir, dataset, preprocessing, val_data):
     log_dir = os.path.join(run_dir, "logs")
-    early_stopping = EarlyStoppingAfterPlateau("val_loss", patience=config["patience"])
+    # Uniform patches give loss ln K on balanced data (ln 2 for the binary model).
+    early_stopping = EarlyStoppingAfterPlateau("val_loss", patience=config["patience"],
+                                               plateau_loss=math.log(len(dataset.class_names)))
     checkpoint = AtomicModelCheckpoint(os.path.join(run_dir, MODEL_NAME), "val_loss", save_best_only=True)
     _write_hparams(log_dir, config)
     trim_csv_log(os.path.join(run_dir, "history.csv"), os.path.join(run_dir, "backup"))
@@ -402,7 +428,11 @@ def _callbacks(config, run_dir, dataset, preprocessing):
             stride = 1 if config["padding"] == "valid" else max(1, int((height * width / 1000) ** 0.5))
             callbacks.append(TensorBoardHeatmaps(os.path.join(log_dir, "heatmaps"), images, labels,
                                                  every=config["heatmap_every"], stride=stride,
-                                                 display_images=preprocessing.denormalize(images)))
+                                                 display_images=preprocessing.denormalize(images),
+                                                 class_names=dataset.class_names))
+    if len(dataset.class_names) > 2 and config["heatmap_every"] > 0:
+        callbacks.append(TensorBoardConfusionMatrix(os.path.join(log_dir, "confusion_matrix"), val_data,
+                                                    dataset.class_names, every=config["heatmap_every"]))
     # Last, so it records the other callbacks' state after each epoch.
     # Kept after the run, so the same command with more --epochs continues it.
     callbacks.append(AtomicBackupAndRestore(

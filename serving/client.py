@@ -5,6 +5,9 @@ Sends the images' encoded bytes (JPEG/PNG/BMP as they are on disk) to the
 unchanged against the real tensorflow_model_server. Prints one JSON object
 per image (probability and label); for the heatmap signature it also writes
 <name>-heatmap.png (white = class-1 evidence) and <name>-overlay.png.
+A K-class model (docs/k-classes.md): each object has the class name, the label
+and the K probabilities; heatmaps are <name>-heatmap-class<k>.png and
+<name>-overlay-class<k>.png per class and <name>-classes.png, the combined colour map.
 
     patchnet predict --server localhost:8500 --model patchnet a.png b.jpg
     patchnet predict --server localhost:8500 --model patchnet --signature heatmap --out maps a.png
@@ -24,7 +27,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray, output_stems
+from patchnet_tf.heatmaps import class_colour_map, heatmap_overlay, heatmap_to_gray, output_stems
 
 SIGNATURES = ("classify", "heatmap")
 MAX_MESSAGE = 256 << 20
@@ -37,10 +40,15 @@ class Prediction:
     image: str
     probability: float
     label: int
-    heatmap: np.ndarray | None = None  # (H, W) at the model's input size, heatmap signature only
+    heatmap: np.ndarray | None = None  # (H, W) at the model's input size, heatmap signature only; (H, W, K)
+    probabilities: list | None = None  # K-class models: every class's probability
+    class_name: str | None = None  # K-class models, classify signature: the label's name
 
     def as_dict(self):
-        return {"image": self.image, "probability": self.probability, "label": self.label}
+        if self.probabilities is None:
+            return {"image": self.image, "probability": self.probability, "label": self.label}
+        return {"image": self.image, "class_name": self.class_name, "label": self.label,
+                "probabilities": self.probabilities}
 
 
 def connect(server):
@@ -137,9 +145,20 @@ def predict(server, model, images, signature="classify", *, version=None, deadli
         if channel is not None:
             channel.close()
     outputs = {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+    heatmaps = outputs.get("heatmap")
+    if "probabilities" in outputs:  # a K-class model
+        probabilities = outputs["probabilities"]
+        label = outputs.get("label", probabilities.argmax(axis=1))
+        class_names = outputs.get("class_name")
+        return [
+            Prediction(name, float(probabilities[index, label[index]]), int(label[index]),
+                       None if heatmaps is None else heatmaps[index],
+                       probabilities=[float(value) for value in probabilities[index]],
+                       class_name=None if class_names is None else class_names[index].decode())
+            for index, name in enumerate(names)
+        ]
     probability = outputs["probability"]
     label = outputs.get("label", (probability >= 0.5).astype(np.int64))
-    heatmaps = outputs.get("heatmap")
     return [
         Prediction(name, float(probability[index]), int(label[index]),
                    None if heatmaps is None else heatmaps[index])
@@ -153,17 +172,26 @@ def write_heatmaps(predictions, out_dir):
     written = []
     stems = output_stems([prediction.image or f"image{index}" for index, prediction in enumerate(predictions)])
     for prediction, stem in zip(predictions, stems):
-        heat = prediction.heatmap
-        gray_path = os.path.join(out_dir, f"{stem}-heatmap.png")
-        cv2.imwrite(gray_path, heatmap_to_gray(heat))
-        written.append(gray_path)
+        maps = prediction.heatmap
+        per_class = maps.ndim == 3  # (H, W, K) of a K-class model
         original = cv2.imread(prediction.image, cv2.IMREAD_COLOR) if os.path.isfile(prediction.image) else None
+        rgb = None
         if original is not None:
-            rgb = cv2.cvtColor(cv2.resize(original, heat.shape[::-1], interpolation=cv2.INTER_AREA),
+            rgb = cv2.cvtColor(cv2.resize(original, maps.shape[1::-1], interpolation=cv2.INTER_AREA),
                                cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-            overlay_path = os.path.join(out_dir, f"{stem}-overlay.png")
-            cv2.imwrite(overlay_path, heatmap_overlay(rgb, heat))
-            written.append(overlay_path)
+        for klass in range(maps.shape[-1] if per_class else 1):
+            heat, suffix = (maps[..., klass], f"-class{klass}") if per_class else (maps, "")
+            gray_path = os.path.join(out_dir, f"{stem}-heatmap{suffix}.png")
+            cv2.imwrite(gray_path, heatmap_to_gray(heat))
+            written.append(gray_path)
+            if rgb is not None:
+                overlay_path = os.path.join(out_dir, f"{stem}-overlay{suffix}.png")
+                cv2.imwrite(overlay_path, heatmap_overlay(rgb, heat))
+                written.append(overlay_path)
+        if per_class:
+            combined_path = os.path.join(out_dir, f"{stem}-classes.png")
+            cv2.imwrite(combined_path, cv2.cvtColor(class_colour_map(maps), cv2.COLOR_RGB2BGR))
+            written.append(combined_path)
     return written
 
 

@@ -100,6 +100,8 @@ def check_outputs(signature_name, inputs, outputs):
     def fail(text):
         raise PatchNetError(f"signature {signature_name}: {text}")
 
+    if "probabilities" in outputs:
+        return _check_k_class_outputs(batch, outputs, fail)
     probability = outputs.get("probability")
     if probability is None or probability.shape != (batch,) or probability.dtype != np.float32:
         fail(f"probability must be float32 [{batch}], got {getattr(probability, 'shape', None)}")
@@ -115,6 +117,35 @@ def check_outputs(signature_name, inputs, outputs):
         heat = outputs["heatmap"]
         if heat.ndim != 3 or heat.shape[0] != batch or heat.dtype != np.float32:
             fail(f"heatmap must be float32 [{batch}, H, W], got {heat.dtype} {heat.shape}")
+        if not np.all(np.isfinite(heat)) or heat.min() < 0 or heat.max() > 1:
+            fail("heatmap outside [0, 1] or not finite")
+    if "label" not in outputs and "heatmap" not in outputs:
+        fail(f"unexpected outputs {sorted(outputs)}")
+
+
+def _check_k_class_outputs(batch, outputs, fail):
+    """A K-class export's outputs (pipelines/export.py): probabilities [B, K] summing to 1,
+    label [B] their argmax, class_name [B] strings, heatmap [B, H, W, K] in [0, 1]."""
+    probabilities = outputs["probabilities"]
+    if probabilities.ndim != 2 or probabilities.shape[0] != batch or probabilities.dtype != np.float32:
+        fail(f"probabilities must be float32 [{batch}, K], got {probabilities.dtype} {probabilities.shape}")
+    if not np.all(np.isfinite(probabilities)) or probabilities.min() < 0 or probabilities.max() > 1:
+        fail("probabilities outside [0, 1] or not finite")
+    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4):
+        fail("probabilities of an image do not sum to 1")
+    classes = probabilities.shape[1]
+    if "label" in outputs:
+        label, names = outputs["label"], outputs.get("class_name")
+        if label.shape != (batch,) or label.dtype != np.int64 or not set(label.tolist()) <= set(range(classes)):
+            fail(f"label must be int64 [{batch}] in 0..{classes - 1}, got {label.dtype} {label.shape}")
+        if not np.array_equal(label, probabilities.argmax(axis=1)):
+            fail("label is not the most probable class")
+        if names is None or names.shape != (batch,) or not all(isinstance(name, bytes) and name for name in names):
+            fail(f"class_name must be a non-empty string [{batch}]")
+    if "heatmap" in outputs:
+        heat = outputs["heatmap"]
+        if heat.ndim != 4 or heat.shape[0] != batch or heat.shape[-1] != classes or heat.dtype != np.float32:
+            fail(f"heatmap must be float32 [{batch}, H, W, {classes}], got {heat.dtype} {heat.shape}")
         if not np.all(np.isfinite(heat)) or heat.min() < 0 or heat.max() > 1:
             fail("heatmap outside [0, 1] or not finite")
     if "label" not in outputs and "heatmap" not in outputs:

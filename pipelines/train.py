@@ -178,6 +178,26 @@ def mixed_precision_policy(choice):
     return {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[choice]
 
 
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`tf.distribute.MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3's fit passes it.
+
+    Keras 3's TensorFlow trainer calls `reduce` only on this strategy's
+    multi-worker path, and in two ways it does not accept
+    (keras-team/keras#20585, still so in Keras 3.16): a whole (images, labels)
+    batch in one call, to learn its shapes before training and validation; and
+    every step's scalar logs with axis=0. MirroredStrategy maps over nests,
+    and a scalar has no axis to reduce within a replica, so both reduce here
+    as they do on one machine: leaf by leaf, and across replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        def reduce_one(one):
+            scalar = self.experimental_local_results(one)[0].shape.rank == 0
+            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, one, None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
 def distribution_strategy(choice):
     """--strategy -> a tf.distribute strategy (created once per process)."""
     if choice == "default":
@@ -189,7 +209,7 @@ def distribution_strategy(choice):
             raise PatchNetError(
                 "--strategy multiworker needs TF_CONFIG (cluster and task) in the environment; see docs/training.md"
             )
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return MultiWorkerMirroredStrategy()
     raise PatchNetError(f"--strategy must be default, mirrored or multiworker, got {choice!r}")
 
 

@@ -185,13 +185,13 @@ def mixed_precision_policy(choice):
 class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """`tf.distribute.MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3's fit passes it.
 
-    Keras 3's TensorFlow trainer calls `reduce` only on this strategy's
-    multi-worker path, and in two ways it does not accept
-    (keras-team/keras#20585, still so in Keras 3.16): a whole (images, labels)
-    batch in one call, to learn its shapes before training and validation; and
-    every step's scalar logs with axis=0. MirroredStrategy maps over nests,
-    and a scalar has no axis to reduce within a replica, so both reduce here
-    as they do on one machine: leaf by leaf, and across replicas only.
+    Keras 3's TensorFlow trainer passes it two things the stock class rejects
+    with "unsupported type (PerReplica)" or a bad axis (keras-team/keras#20585,
+    still so in Keras 3.16): a whole (images, labels) batch in one call, to
+    learn its shapes before training and validation; and, on the multi-worker
+    path only, every step's scalar logs with axis=0. MirroredStrategy maps over
+    nests, and a scalar has no axis to reduce within a replica, so both reduce
+    here as they do on one machine: leaf by leaf, and across replicas only.
     """
 
     def reduce(self, reduce_op, value, axis=None):
@@ -261,9 +261,9 @@ def _worker_count(strategy):
 def _worker_scratch(out, strategy):
     """The folder a non-chief worker writes to: local, emptied, removed after training.
 
-    Every worker makes the same saves (some read variables through collectives),
-    but only the chief's go to the run folder, as Keras's multi-worker guide
-    does it. The name is fixed per run and task, so a restart after kill -9
+    Every worker makes the same saves (a save may read variables through
+    collectives, which every worker must join), but only the chief's go to the
+    run folder, as TensorFlow's multi-worker Keras guide does it. The name is fixed per run and task, so a restart after kill -9
     clears what the killed process left.
     """
     resolver = strategy.cluster_resolver
@@ -385,19 +385,18 @@ def train(config):
             raise PatchNetError(f"{out}: this worker does not see the run folder the chief writes; "
                                 "--out must be a folder every worker shares")
         callbacks = _callbacks(config, run_dir, dataset, preprocessing, resume_from=os.path.join(out, "backup"))
-        try:
-            history = trainer.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=config["epochs"],
-                callbacks=callbacks,
-                shuffle=False,  # the tf.data pipeline shuffles
-                verbose=1 if sys.stdout.isatty() else 2,
-            )
-        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as error:
-            if _worker_count(strategy) == 1:
-                raise  # not a lost peer
-            raise _lost_worker(error, out, strategy) from None
+        history = trainer.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=config["epochs"],
+            callbacks=callbacks,
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as error:
+        if _worker_count(strategy) == 1:
+            raise  # not a lost peer
+        raise _lost_worker(error, out, strategy) from None
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
         if not chief:
@@ -407,8 +406,8 @@ def train(config):
 
 def _lost_worker(error, out, strategy):
     """A collective failed because another worker of the cluster stopped: what to do, in one line."""
-    # TensorFlow's coordination service notices a dead peer by its missing heartbeats;
-    # its message names the task, among others (this one, the collective's leader).
+    # TensorFlow's coordination service notices a dead peer by its missing heartbeats
+    # (or the chief's by its closed connection); the message names the lost task.
     resolver = strategy.cluster_resolver
     named = sorted(set(re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", error.message)))
     others = [f"{job} {index}" for job, index in named if (job, int(index)) != (resolver.task_type, resolver.task_id)]

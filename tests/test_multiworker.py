@@ -52,10 +52,11 @@ def column(rows, name):
 
 
 def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, tmp_path):
-    """Tolerances, from the measurement in docs/training.md (largest differences seen, x10):
-    losses per epoch 1e-5 (seen: 2e-7 training, 5e-6 validation); weights 3e-3 absolute, a
-    learning rate's step: Adam divides by the gradient's running RMS, so on a weight whose
-    gradient is near zero the summation order can move it by up to that much (seen: 3e-4)."""
+    """Tolerances: 10x the largest differences `python -m bench.multiworker [--count 16]` measured
+    (docs/training.md): losses per epoch 5e-5 (seen: 4.8e-6), weights 3e-3 (seen: 2.9e-4; Adam
+    divides by the gradient's running RMS, so a weight whose gradient is near zero can move by
+    a fraction of the learning rate on the all-reduce's rounding alone). Augmentation, which
+    draws per replica, would differ by 3e-3 to 1e-2 in loss and 2e-2 to 4e-2 in weights."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     runs = {count: str(tmp_path / f"workers-{count}") for count in (1, 2)}
@@ -71,7 +72,7 @@ def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, 
     one, two = history(runs[1]), history(runs[2])
     assert [row["epoch"] for row in two] == ["0", "1"]
     for name in ("loss", "val_loss"):
-        np.testing.assert_allclose(column(two, name), column(one, name), atol=1e-5)
+        np.testing.assert_allclose(column(two, name), column(one, name), atol=5e-5)
     for name in ("accuracy", "val_accuracy"):
         np.testing.assert_array_equal(column(two, name), column(one, name))
     (model_one, _), (model_two, _) = load_trained_model(runs[1]), load_trained_model(runs[2])
@@ -89,10 +90,10 @@ def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, 
 
 
 def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path):
-    """kill -9 worker 1 in epoch 2 of 3; worker 0 stops with one line; both restarted finish the run."""
+    """kill -9 worker 1 in epoch 2 of 2; worker 0 stops with one line; both restarted finish the run."""
     run, logs, scratch = str(tmp_path / "run"), str(tmp_path / "logs"), str(tmp_path / "scratch")
     os.makedirs(scratch)
-    extra = ["--batch-size", "2", "--epochs", "3"]  # 12 steps an epoch: the kill lands inside one
+    extra = ["--batch-size", "2", "--epochs", "2"]  # 12 steps an epoch: the kill lands inside one
     chief, worker = launch(textures, run, 2, extra, logs, scratch)
     metadata = os.path.join(run, "backup", "training_metadata.json")
     deadline = time.monotonic() + WAIT
@@ -118,9 +119,9 @@ def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path)
     for status, output in outputs:
         assert status == 0, output[-3000:]
         assert f"resuming after epoch 1 from {os.path.join(run, 'backup')}" in output
-        assert "Epoch 2/3" in output and "Epoch 1/3" not in output
+        assert "Epoch 2/2" in output and "Epoch 1/2" not in output
     rows = history(run)
-    assert [row["epoch"] for row in rows] == ["0", "1", "2"]  # one row per epoch, none twice
+    assert [row["epoch"] for row in rows] == ["0", "1"]  # one row per epoch, none twice
     assert np.isfinite(column(rows, "loss")).all()
     assert not [name for name in os.listdir(scratch) if name.startswith("patchnet-")]  # the restart cleared it
 

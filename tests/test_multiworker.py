@@ -27,13 +27,26 @@ def textures(tmp_path_factory):
                                  count={"train": 12, "val": 4, "test": 1})
 
 
-def launch(data, out, workers, extra, logs, scratch):
-    """`workers` processes of one cluster; TMPDIR holds the non-chief workers' scratch (patchnet-*)."""
-    addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
-    os.makedirs(logs, exist_ok=True)
-    return start_workers([data, "--out", out, *FLAGS, *extra], addresses,
-                         output=lambda index: open(os.path.join(logs, f"{os.path.basename(out)}-{index}.log"), "w"),
-                         env={"TMPDIR": scratch, "TF_CPP_MIN_LOG_LEVEL": "3"})
+@pytest.fixture
+def launch():
+    """Starts the processes of one cluster; a failed test leaves none of them running."""
+    started = []
+
+    def launch(data, out, workers, extra, logs, scratch):
+        # TMPDIR: where the non-chief workers keep their scratch (patchnet-*).
+        addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+        os.makedirs(logs, exist_ok=True)
+        output = lambda index: open(os.path.join(logs, f"{os.path.basename(out)}-{index}.log"), "w")
+        processes = start_workers([data, "--out", out, *FLAGS, *extra], addresses, output=output,
+                                  env={"TMPDIR": scratch, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        started.extend(processes)
+        return processes
+
+    yield launch
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def finish(worker, logs, out, index):
@@ -51,7 +64,7 @@ def column(rows, name):
     return np.array([float(row[name]) for row in rows])
 
 
-def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, tmp_path):
+def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, tmp_path, launch):
     """Tolerances: 10x the largest differences `python -m bench.multiworker [--count 16]` measured
     (docs/training.md): losses per epoch 5e-5 (seen: 4.8e-6), weights 3e-3 (seen: 2.9e-4; Adam
     divides by the gradient's running RMS, so a weight whose gradient is near zero can move by
@@ -89,7 +102,7 @@ def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, 
     assert json.load(open(os.path.join(runs[2], "train_config.json")))["strategy"] == "multiworker"
 
 
-def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path):
+def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path, launch):
     """kill -9 worker 1 in epoch 2 of 2; worker 0 stops with one line; both restarted finish the run."""
     run, logs, scratch = str(tmp_path / "run"), str(tmp_path / "logs"), str(tmp_path / "scratch")
     os.makedirs(scratch)

@@ -75,7 +75,7 @@ def main(argv=None):
         return module.run(args) or 0
     except PatchNetError as error:
         print(f"patchnet {name}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_status
     except OSError as error:  # e.g. --out naming an existing file: the path and why, not a traceback
         where = error.filename if error.filename is not None else ""
         print(f"patchnet {name}: error: {where}{': ' if where else ''}{error.strerror or error}", file=sys.stderr)

@@ -5,5 +5,17 @@ class PatchNetError(Exception):
     """A problem with the user's input (a path, an image, a flag, a request).
 
     The message names the input and says what was expected; `patchnet` prints
-    it as one line and exits non-zero instead of showing a traceback.
+    it as one line and exits with `exit_status` instead of showing a traceback.
     """
+
+    exit_status = 2
+
+
+class WorkerLost(PatchNetError):
+    """A multi-worker run lost a worker (killed, preempted, unreachable).
+
+    Not the user's input: a distinct status (EX_TEMPFAIL, "try again") lets a
+    cluster scheduler restart the workers, which resumes the run.
+    """
+
+    exit_status = 75

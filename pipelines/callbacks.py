@@ -27,20 +27,27 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     run stops when an uninterrupted one would.
     """
 
-    def __init__(self, backup_dir, stateful=(), **kwargs):
+    def __init__(self, backup_dir, stateful=(), resume_from=None, **kwargs):
+        """`resume_from`: the backup folder to resume from, if not `backup_dir` (a
+        multi-worker run's other workers resume from the chief's and write their own)."""
         super().__init__(backup_dir, double_checkpoint=False, **kwargs)
         self.stateful = list(stateful)
+        self.resume_from = resume_from or backup_dir
 
     def _load_model(self):
-        if os.path.exists(self._training_metadata_path):
-            with open(self._training_metadata_path) as file:
-                metadata = json.load(file)
-            self._weights_path = os.path.join(self.backup_dir, metadata["weights"])
-            print(f"resuming after epoch {metadata['epoch']} from {self.backup_dir}", flush=True)
-            for callback, state in zip(self.stateful, metadata.get("callbacks", [])):
-                for name, value in state.items():
-                    setattr(callback, name, value)
-        super()._load_model()
+        metadata_path = os.path.join(self.resume_from, "training_metadata.json")
+        if not os.path.exists(metadata_path):
+            return
+        with open(metadata_path) as file:
+            metadata = json.load(file)
+        print(f"resuming after epoch {metadata['epoch']} from {self.resume_from}", flush=True)
+        for callback, state in zip(self.stateful, metadata.get("callbacks", [])):
+            for name, value in state.items():
+                setattr(callback, name, value)
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)  # its state is in the weights file
+        self.model.load_weights(os.path.join(self.resume_from, metadata["weights"]))
+        self.model._initial_epoch = metadata["epoch"]  # how keras.callbacks.BackupAndRestore resumes fit
 
     def _save_model(self):
         weights_name = f"epoch-{self._current_epoch:05d}.weights.h5"

@@ -17,10 +17,14 @@ machines) choose how the step runs. model.keras is always the plain model.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -38,7 +42,7 @@ from patchnet_tf.flag_types import (
     positive_int,
     zoom_factor,
 )
-from patchnet_tf.errors import PatchNetError
+from patchnet_tf.errors import PatchNetError, WorkerLost
 from patchnet_tf.model import build_patchnet, loss_for, output_classes
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
@@ -246,6 +250,26 @@ def mixed_precision_policy(choice):
     return {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[choice]
 
 
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`tf.distribute.MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3's fit passes it.
+
+    Keras 3's TensorFlow trainer passes it two things the stock class rejects
+    with "unsupported type (PerReplica)" or a bad axis (keras-team/keras#20585,
+    still so in Keras 3.16): a whole (images, labels) batch in one call, to
+    learn its shapes before training and validation; and, on the multi-worker
+    path only, every step's scalar logs with axis=0. MirroredStrategy maps over
+    nests, and a scalar has no axis to reduce within a replica, so both reduce
+    here as they do on one machine: leaf by leaf, and across replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        def reduce_one(one):
+            scalar = self.experimental_local_results(one)[0].shape.rank == 0
+            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, one, None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
 def distribution_strategy(choice):
     """--strategy -> a tf.distribute strategy (created once per process)."""
     if choice == "default":
@@ -253,12 +277,38 @@ def distribution_strategy(choice):
     if choice == "mirrored":
         return tf.distribute.MirroredStrategy()
     if choice == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise PatchNetError(
-                "--strategy multiworker needs TF_CONFIG (cluster and task) in the environment; see docs/training.md"
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return MultiWorkerMirroredStrategy()
     raise PatchNetError(f"--strategy must be default, mirrored or multiworker, got {choice!r}")
+
+
+TF_CONFIG_FORM = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}}'
+
+
+def check_tf_config(text):
+    """Raises a one-line PatchNetError unless `text` is a TF_CONFIG this run can join.
+
+    Checked before TensorFlow reads it, so a typo in a pod spec is one line
+    naming TF_CONFIG rather than an error from inside TensorFlow.
+    """
+    if not text:
+        raise PatchNetError(f"--strategy multiworker needs TF_CONFIG={TF_CONFIG_FORM} in the environment; "
+                            "see docs/training.md")
+    try:
+        tf_config = json.loads(text)
+    except ValueError as error:
+        raise PatchNetError(f"TF_CONFIG is not JSON ({error}); expected {TF_CONFIG_FORM}") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    jobs = ("chief", "worker")
+    if not isinstance(cluster, dict) or not any(isinstance(cluster.get(job), list) and cluster[job] for job in jobs):
+        raise PatchNetError(f"TF_CONFIG has no \"cluster\" with a list of \"worker\" addresses; expected {TF_CONFIG_FORM}")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise PatchNetError(f"TF_CONFIG has no \"task\" with \"type\" and \"index\" (which member of the cluster "
+                            f"this process is); expected {TF_CONFIG_FORM}")
+    members = cluster.get(task["type"]) if task["type"] in jobs else None
+    if not isinstance(members, list) or not isinstance(task["index"], int) or not 0 <= task["index"] < len(members):
+        raise PatchNetError(f"TF_CONFIG task {json.dumps(task)} is not a member of its cluster {json.dumps(cluster)}")
 
 
 def _is_chief(strategy):
@@ -268,6 +318,28 @@ def _is_chief(strategy):
     return resolver.task_type == "chief" or (
         resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def _worker_count(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return sum(len(cluster.get(job, [])) for job in ("chief", "worker")) or 1
+
+
+def _worker_scratch(out, strategy):
+    """The folder a non-chief worker writes to: local, emptied, removed after training.
+
+    Every worker makes the same saves (a save may read variables through
+    collectives, which every worker must join), but only the chief's go to the
+    run folder, as TensorFlow's multi-worker Keras guide does it. The name is fixed per run and task, so a restart after kill -9
+    clears what the killed process left.
+    """
+    resolver = strategy.cluster_resolver
+    digest = hashlib.sha1(out.encode()).hexdigest()[:12]
+    scratch = os.path.join(tempfile.gettempdir(), f"patchnet-{digest}-{resolver.task_type}-{resolver.task_id}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    return scratch
 
 
 def augmentation_from(config):
@@ -344,10 +416,10 @@ def train(config):
     if config["normalize"]:
         preprocessing = fit_normalization(preprocessing, dataset.splits["train"], config["seed"])
     chief = _is_chief(strategy)
-    # Other workers of a multi-worker run write to a scratch folder of their own.
-    run_dir = out if chief else os.path.join(out, "workers", f"task-{strategy.cluster_resolver.task_id}")
-    # The epochs still to train, each in the order an uninterrupted run gives it (resume is exact).
-    first_epoch = backed_up_epochs(os.path.join(run_dir, "backup"))
+    run_dir = out if chief else _worker_scratch(out, strategy)
+    # The epochs still to train, each in the order an uninterrupted run gives it (resume is exact);
+    # every worker resumes from the chief's backup.
+    first_epoch = backed_up_epochs(os.path.join(out, "backup"))
     epochs = (first_epoch, max(config["epochs"], first_epoch + 1))
     # Every file is decoded here, before anything is written: a bad image leaves no run behind.
     train_data = image_dataset(
@@ -372,7 +444,12 @@ def train(config):
             compile_model(model, config["learning_rate"], optimizer=trainer.optimizer)
             # Built before fit, so a backup can be restored into it.
             trainer(tf.zeros((1, *preprocessing.image_size, preprocessing.channels)))
-        callbacks = _callbacks(config, run_dir, dataset, preprocessing, val_data)
+        if not chief and not os.path.isfile(os.path.join(out, CONFIG_NAME)):
+            # Creating the variables waited for the chief's initial values, so it has written the config by now.
+            raise PatchNetError(f"{out}: this worker does not see the run folder the chief writes; "
+                                "--out must be a folder every worker shares")
+        callbacks = _callbacks(config, run_dir, dataset, preprocessing, val_data,
+                               resume_from=os.path.join(out, "backup"))
         history = trainer.fit(
             train_data,
             steps_per_epoch=int(train_data.cardinality()) // (epochs[1] - epochs[0]),
@@ -382,9 +459,28 @@ def train(config):
             shuffle=False,  # the tf.data pipeline shuffles
             verbose=1 if sys.stdout.isatty() else 2,
         )
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError) as error:
+        if _worker_count(strategy) == 1:
+            raise  # not a lost peer
+        raise _lost_worker(error, out, strategy) from None
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        if not chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return history
+
+
+def _lost_worker(error, out, strategy):
+    """A collective failed because another worker of the cluster stopped: what to do, in one line."""
+    # TensorFlow's coordination service notices a dead peer by its missing heartbeats
+    # (or the chief's by its closed connection); the message names the lost task.
+    resolver = strategy.cluster_resolver
+    named = sorted(set(re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", error.message)))
+    others = [f"{job} {index}" for job, index in named if (job, int(index)) != (resolver.task_type, resolver.task_id)]
+    finished = backed_up_epochs(os.path.join(out, "backup"))
+    resume = f"resumes after epoch {finished}" if finished else "starts again at epoch 1 (none had finished)"
+    return WorkerLost(f"lost {', '.join(others) or 'another worker'} of the cluster ({type(error).__name__}); "
+                      f"restart every worker with the same command and the run {resume}")
 
 
 def fit_normalization(preprocessing, split, seed, max_images=512):
@@ -403,7 +499,8 @@ def fit_normalization(preprocessing, split, seed, max_images=512):
     return dataclasses.replace(preprocessing, mean=mean, std=std)
 
 
-def _callbacks(config, run_dir, dataset, preprocessing, val_data):
+def _callbacks(config, run_dir, dataset, preprocessing, val_data, resume_from=None):
+    """The run's callbacks, writing under `run_dir`; the backup resumes from `resume_from` (default: run_dir's)."""
     log_dir = os.path.join(run_dir, "logs")
     # Uniform patches give loss ln K on balanced data (ln 2 for the binary model).
     early_stopping = EarlyStoppingAfterPlateau("val_loss", patience=config["patience"],
@@ -436,7 +533,8 @@ def _callbacks(config, run_dir, dataset, preprocessing, val_data):
     # Last, so it records the other callbacks' state after each epoch.
     # Kept after the run, so the same command with more --epochs continues it.
     callbacks.append(AtomicBackupAndRestore(
-        os.path.join(run_dir, "backup"), stateful=[early_stopping, checkpoint], delete_checkpoint=False
+        os.path.join(run_dir, "backup"), stateful=[early_stopping, checkpoint], delete_checkpoint=False,
+        resume_from=resume_from,
     ))
     return callbacks
 

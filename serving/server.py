@@ -43,6 +43,7 @@ from tensorflow_serving.apis import (
 
 from patchnet_tf.flag_types import nonnegative_int, port_number, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
+from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
 from serving.warmup import replay_warmup
 
@@ -229,65 +230,109 @@ def _status_name(error):
     return "INTERNAL"
 
 
+def predict(manager, request, run=None):
+    """PredictionService.Predict for both front ends (gRPC and REST), so their codes and messages are one.
+
+    `run(model, signature_name, inputs, output_filter)` runs the signature (default: LoadedModel.run; the
+    batching scheduler's `run` with --enable_batching). Returns a PredictResponse; raises SignatureError
+    with TF Serving's status code.
+    """
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    version, model = manager.get(request.model_spec)
+    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    model.signature(signature_name)
+    inputs = {}
+    for key, proto in request.inputs.items():
+        try:
+            if any(dim.size < 0 for dim in proto.tensor_shape.dim):  # Tensor::FromProto refuses these
+                raise ValueError(f"negative dimension in {key}")
+            inputs[key] = tf.make_ndarray(proto)
+        except Exception:
+            raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
+    try:
+        if run is None:
+            outputs = model.run(signature_name, inputs, request.output_filter)
+        else:
+            outputs = run(model, signature_name, inputs, request.output_filter)
+    except tf.errors.OpError as error:
+        message = first_line(error)
+        named = [key for key in request.inputs if key in message]
+        if not named:  # e.g. "Invalid PNG data": say which input it came from
+            message = f"{', '.join(sorted(request.inputs))}: {message}"
+        raise SignatureError(_status_name(error), message) from None
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = version
+    response.model_spec.signature_name = signature_name
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return response
+
+
+def get_model_metadata(manager, request):
+    """PredictionService.GetModelMetadata for both front ends; raises SignatureError."""
+    # TF Serving checks the request before it looks the model up (get_model_metadata_impl.cc).
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    fields = list(request.metadata_field)
+    if not fields:
+        raise SignatureError("INVALID_ARGUMENT", "GetModelMetadataRequest must specify at least one metadata_field")
+    unsupported = [field for field in fields if field != "signature_def"]
+    if unsupported:
+        raise SignatureError("INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
+    version, model = manager.get(request.model_spec)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in model.signatures.items():
+        signature_map.signature_def[name].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = version
+    response.metadata["signature_def"].Pack(signature_map)
+    return response
+
+
+def get_model_status(manager, request):
+    """ModelService.GetModelStatus for both front ends; raises SignatureError."""
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    spec = request.model_spec
+    requested = spec.version.value if spec.HasField("version") else None
+    statuses = manager.statuses() if spec.name == manager.model_name else {}
+    if requested is not None:
+        if requested not in statuses:
+            raise SignatureError("NOT_FOUND", f"Could not find version {requested} of model {spec.name}")
+        statuses = {requested: statuses[requested]}
+    elif not statuses:
+        raise SignatureError("NOT_FOUND", f"Could not find any versions of model {spec.name}")
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, (state, failure) in sorted(statuses.items()):
+        status = response.model_version_status.add()
+        status.version = version
+        status.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
+        status.status.SetInParent()  # TF Serving always sets it: error_code OK unless the load failed
+        if failure is not None and failure.gave_up:  # TF Serving reports the load error once it gives up
+            status.status.error_code = getattr(grpc.StatusCode, failure.code).value[0]
+            status.status.error_message = failure.message
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager):
+    def __init__(self, manager, run=None):
         self.manager = manager
+        self.run = run
 
     def Predict(self, request, context):
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
         try:
-            version, model = self.manager.get(request.model_spec)
-            signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            model.signature(signature_name)
-            inputs = {}
-            for key, proto in request.inputs.items():
-                try:
-                    if any(dim.size < 0 for dim in proto.tensor_shape.dim):  # Tensor::FromProto refuses these
-                        raise ValueError(f"negative dimension in {key}")
-                    inputs[key] = tf.make_ndarray(proto)
-                except Exception:
-                    raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
-            outputs = model.run(signature_name, inputs, request.output_filter)
+            return predict(self.manager, request, self.run)
         except SignatureError as error:
             return _abort(context, error.code, error.message)
-        except tf.errors.OpError as error:
-            message = first_line(error)
-            named = [key for key in request.inputs if key in message]
-            if not named:  # e.g. "Invalid PNG data": say which input it came from
-                message = f"{', '.join(sorted(request.inputs))}: {message}"
-            return _abort(context, _status_name(error), message)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = self.manager.model_name
-        response.model_spec.version.value = version
-        response.model_spec.signature_name = signature_name
-        for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
-        return response
 
     def GetModelMetadata(self, request, context):
-        # TF Serving checks the request before it looks the model up (get_model_metadata_impl.cc).
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
-        fields = list(request.metadata_field)
-        if not fields:
-            return _abort(context, "INVALID_ARGUMENT",
-                          "GetModelMetadataRequest must specify at least one metadata_field")
-        unsupported = [field for field in fields if field != "signature_def"]
-        if unsupported:
-            return _abort(context, "INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
         try:
-            version, model = self.manager.get(request.model_spec)
+            return get_model_metadata(self.manager, request)
         except SignatureError as error:
             return _abort(context, error.code, error.message)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature in model.signatures.items():
-            signature_map.signature_def[name].CopyFrom(signature)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self.manager.model_name
-        response.model_spec.version.value = version
-        response.metadata["signature_def"].Pack(signature_map)
-        return response
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -295,42 +340,29 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.manager = manager
 
     def GetModelStatus(self, request, context):
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
-        spec = request.model_spec
-        requested = spec.version.value if spec.HasField("version") else None
-        statuses = self.manager.statuses() if spec.name == self.manager.model_name else {}
-        if requested is not None:
-            if requested not in statuses:
-                return _abort(context, "NOT_FOUND",
-                              f"Could not find version {requested} of model {spec.name}")
-            statuses = {requested: statuses[requested]}
-        elif not statuses:
-            return _abort(context, "NOT_FOUND", f"Could not find any versions of model {spec.name}")
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for version, (state, failure) in sorted(statuses.items()):
-            status = response.model_version_status.add()
-            status.version = version
-            status.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
-            if failure is not None and failure.gave_up:  # TF Serving reports the load error once it gives up
-                status.status.error_code = getattr(grpc.StatusCode, failure.code).value[0]
-                status.status.error_message = failure.message
-        return response
+        try:
+            return get_model_status(self.manager, request)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
 
     def HandleReloadConfigRequest(self, request, context):
         return _abort(context, "UNIMPLEMENTED", "HandleReloadConfigRequest: this server serves one model")
 
 
 class LocalServer:
-    """A running server: `.port`, `.address`, `.versions()`, `.wait_for_version()`, `.stop()`."""
+    """A running server: `.port`, `.address`, `.rest_port`, `.versions()`, `.wait_for_version()`, `.stop()`."""
 
-    def __init__(self, manager, grpc_server, host, port):
+    def __init__(self, manager, grpc_server, host, port, rest=None, batcher=None):
         self.manager = manager
         self._server = grpc_server
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.model_name = manager.model_name
+        self.rest = rest  # serving.rest.RestServer or None
+        self.rest_port = rest.port if rest else None
+        self.rest_url = f"http://{host}:{rest.port}" if rest else None
+        self.batcher = batcher  # serving.batching.BatchScheduler or None
 
     def versions(self):
         return self.manager.versions()
@@ -350,7 +382,11 @@ class LocalServer:
 
     def stop(self, grace=5.0):
         """Finishes requests in flight (up to `grace` seconds), then unloads everything."""
+        if self.rest is not None:
+            self.rest.stop()
         self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.manager.stop()
 
     def wait(self):
@@ -358,11 +394,18 @@ class LocalServer:
 
 
 def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_seconds=1.0,
-                 num_versions=1, workers=8, max_load_retries=5, load_retry_interval=60.0):
-    """Starts serving BASE/<version> folders; port 0 picks a free port (see `.port`)."""
+                 num_versions=1, workers=8, max_load_retries=5, load_retry_interval=60.0,
+                 rest_api_port=None, batching=None):
+    """Starts serving BASE/<version> folders; port 0 picks a free port (see `.port`).
+
+    rest_api_port: also answer TF Serving's REST API there (None: no REST; 0: any free port).
+    batching: a serving.batching.BatchingOptions to merge concurrent requests (--enable_batching).
+    """
     base_dir = os.path.abspath(base_dir)
     if not os.path.isdir(base_dir):
         raise PatchNetError(f"{base_dir}: no such model base folder (expected BASE/<version>/saved_model.pb)")
+    if rest_api_port and rest_api_port == port:  # TF Serving refuses this too (model_servers/server.cc)
+        raise PatchNetError(f"--rest-api-port {rest_api_port} must differ from --port")
     model_name = model_name or os.path.basename(base_dir)
     manager = ModelManager(base_dir, model_name, num_versions=num_versions, poll_seconds=poll_seconds,
                            max_load_retries=max_load_retries, load_retry_interval=load_retry_interval)
@@ -375,17 +418,34 @@ def start_server(base_dir, model_name=None, host="127.0.0.1", port=0, *, poll_se
             ("grpc.so_reuseport", 0),
         ],
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager), server)
+    batcher = BatchScheduler(batching) if batching is not None else None
+    run = batcher.run if batcher is not None else None
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager, run), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     try:  # before loading any model: a busy port fails in a second, not after the load
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if not bound:
+        if batcher is not None:
+            batcher.stop()
         raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
+    rest = None
+    if rest_api_port is not None:
+        from serving.rest import RestServer  # the REST front end calls back into this module
+
+        try:
+            rest = RestServer(manager, host, rest_api_port, run=run)
+        except PatchNetError:
+            server.stop(0)
+            if batcher is not None:
+                batcher.stop()
+            raise
     manager.start()
     server.start()
-    return LocalServer(manager, server, host, bound)
+    if rest is not None:
+        rest.start()
+    return LocalServer(manager, server, host, bound, rest, batcher)
 
 
 def add_arguments(parser):
@@ -402,14 +462,29 @@ def add_arguments(parser):
                         help="retries of a failed version load before giving up (TF Serving's flag)")
     parser.add_argument("--load-retry-interval-micros", type=int, default=60_000_000,
                         help="microseconds between load retries; negative: no wait (TF Serving's flag)")
+    parser.add_argument("--rest-api-port", type=port_number, default=0,
+                        help="also serve TF Serving's REST API on this port; 0 (default): no REST, as "
+                             "tensorflow_model_server (its Docker image passes 8501)")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="merge concurrent requests into one session run (TF Serving's --enable_batching)")
+    parser.add_argument("--batching-parameters-file", default=None,
+                        help="text-format BatchingParameters, e.g. serving/batching.config "
+                             "(default: TF Serving's defaults)")
 
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.batching_parameters_file and not args.enable_batching:
+        raise PatchNetError("--batching-parameters-file is used only with --enable-batching")
+    batching = None
+    if args.enable_batching:
+        batching = (read_batching_parameters(args.batching_parameters_file) if args.batching_parameters_file
+                    else BatchingOptions())
     server = start_server(args.base, args.model_name, args.host, args.port,
                           poll_seconds=args.poll_seconds, num_versions=args.num_versions,
                           workers=args.workers, max_load_retries=args.max_num_load_retries,
-                          load_retry_interval=args.load_retry_interval_micros / 1e6)
+                          load_retry_interval=args.load_retry_interval_micros / 1e6,
+                          rest_api_port=args.rest_api_port or None, batching=batching)
     stopped = threading.Event()
 
     def on_signal(signum, frame):
@@ -419,7 +494,9 @@ def run(args):
     signal.signal(signal.SIGINT, on_signal)
     versions = server.versions()
     print(f"serving model {server.model_name} from {server.manager.base_dir} on {server.address} "
-          f"(versions: {', '.join(map(str, versions)) or 'none yet, polling'})", flush=True)
+          f"(versions: {', '.join(map(str, versions)) or 'none yet, polling'})"
+          + (f"; REST API on {server.rest_url}" if server.rest_url else "")
+          + ("; batching on" if server.batcher else ""), flush=True)
     while not stopped.wait(0.5):
         pass
     print("stopping: finishing requests in flight", flush=True)

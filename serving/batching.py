@@ -5,7 +5,7 @@ Requests for the same model version and signature that arrive within
 `max_batch_size` rows and the outputs are split back, as TF Serving's
 BatchingSession on a SharedBatchScheduler queue does:
 
-- one queue per (version, signature, output filter, input dtypes and
+- one queue per (version, signature tensors, output filter, input dtypes and
   non-batch dimensions); a batch is open until the next task does not fit,
   or it is full, or its first task waited `batch_timeout_micros`;
 - `max_enqueued_batches` counts the batches waiting in a queue (the open one
@@ -185,7 +185,11 @@ class BatchScheduler:
                                                      f"{self.options.max_batch_size}")
         output_filter = tuple(output_filter)
         layout = tuple(sorted((key, value.dtype.str, value.shape[1:]) for key, value in inputs.items()))
-        key = (id(model), signature_name, output_filter, layout)
+        # One queue per TensorSignature (the tensors fed and fetched), as BatchingSession keys them.
+        signature = model.signature(signature_name)
+        tensors = (tuple(sorted(info.name for info in signature.inputs.values())),
+                   tuple(sorted(info.name for info in signature.outputs.values())))
+        key = (id(model), tensors, output_filter, layout)
         task = _Task(inputs, rows)
         with self._condition:
             queue = self._queues.get(key)
@@ -205,12 +209,14 @@ class BatchScheduler:
         return task.outputs
 
     def stats(self):
-        """{"batches": run so far, "requests": in them, "tasks_per_batch": {n: count}, "enqueued_batches": now}."""
+        """Batches run so far ("batches", "requests" in them, "tasks_per_batch": {requests merged: batches})
+        and what waits now ("enqueued_batches", "enqueued_requests")."""
         with self._condition:
             counts = dict(self._tasks_per_batch)
-            enqueued = sum(len(queue.batches) for queue in self._queues.values())
+            waiting = [batch for queue in self._queues.values() for batch in queue.batches]
         return {"batches": sum(counts.values()), "requests": sum(n * c for n, c in counts.items()),
-                "tasks_per_batch": counts, "enqueued_batches": enqueued}
+                "tasks_per_batch": counts, "enqueued_batches": len(waiting),
+                "enqueued_requests": sum(len(batch.tasks) for batch in waiting)}
 
     def stop(self):
         with self._condition:

@@ -2,6 +2,11 @@
 
 import base64
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -212,3 +217,35 @@ def test_json_writing_follows_tf_serving():
             assert np.float32(float(text)) == value
     assert debug_string({"a": [1, 2]}) == '{\n    "a": [1, 2]\n}'
     assert len(debug_string(list(range(1000)))) < 270  # cut off after 256 bytes, as TF Serving's
+
+
+def test_serve_cli_answers_rest_with_batching(rest, tmp_path):
+    server, model = rest
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as probe:  # a free port: --rest-api-port 0 means "no REST", as in TF Serving
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "patchnet_tf", "serve", server.manager.base_dir, "--port", "0",
+         "--rest-api-port", str(port), "--enable-batching",
+         "--batching-parameters-file", os.path.join(root, "serving", "batching.config")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        line = process.stdout.readline()
+        assert f"REST API on http://127.0.0.1:{port}" in line and "batching on" in line, line
+
+        class Remote:
+            rest_url = f"http://127.0.0.1:{port}"
+
+        status, answer = call(Remote, PREDICT, {"instances": [b64(GOOD)]})
+        assert status == 200
+        np.testing.assert_allclose(answer["predictions"][0]["probability"], expected(model, [GOOD])[0][0],
+                                   atol=TOLERANCE)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -498,6 +498,7 @@ def _metadata_json(response):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
+    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
     server_version = "patchnet-serve"
 
     def _answer(self):

@@ -101,7 +101,11 @@ def run_block(make_client, clients, seconds, minimum):
 
     def client():
         call, close = make_client()
-        call()  # this connection's first call (channel setup) is not measured
+        try:
+            call()  # this connection's first call (channel setup) is not measured
+        except BaseException:
+            ready.abort()  # the others must not wait for this client forever
+            raise
         ready.wait()
         try:
             while True:
@@ -119,7 +123,12 @@ def run_block(make_client, clients, seconds, minimum):
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client) for _ in range(clients)]
-        ready.wait()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            for future in futures:
+                future.result()  # raises the client's error
+            raise
         start_time[0] = time.perf_counter()
         for future in futures:
             future.result()

@@ -560,6 +560,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not hold up a stop
+    request_queue_size = 1024  # socketserver's 5 resets connections when many clients connect at once
 
 
 class RestServer:

@@ -1,12 +1,14 @@
 """TF Serving's REST API on the local server, with a plain HTTP client (urllib)."""
 
 import base64
+import concurrent.futures
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -249,3 +251,22 @@ def test_serve_cli_answers_rest_with_batching(rest, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_concurrent_rest_clients(rest):
+    """16 clients connecting at once (socketserver's default backlog of 5 reset some of them)."""
+    server, model = rest
+    batches = [images(2, seed) for seed in range(16)]
+    start = threading.Barrier(16)
+
+    def client_session(index):
+        start.wait(60)
+        for _ in range(3):
+            status, answer = call(server, PREDICT, {"instances": [b64(item) for item in batches[index]]})
+            assert status == 200, answer
+            np.testing.assert_allclose([row["probability"] for row in answer["predictions"]],
+                                       expected(model, batches[index])[0], atol=TOLERANCE)
+        return 3
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(client_session, range(16))) == 48

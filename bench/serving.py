@@ -1,7 +1,10 @@
 """Serving benchmark: classify and heatmap over gRPC and REST, batching off and on, against in-process.
 
-    python -m bench.serving            # the paper's subnet (p = 21, 7 x 64 convs), 128 x 128 PNGs; ~4 min
-    python -m bench.serving --quick    # a small subnet and 64 x 64 PNGs; ~1.5 min
+    python -m bench.serving            # the paper's subnet (p = 21, 7 x 64 convs), 128 x 128 PNGs
+    python -m bench.serving --quick    # a small subnet and 64 x 64 PNGs; about a minute
+
+The default run takes about 5 minutes of CPU time on 2 cores (11 minutes
+wall on a machine shared with four other jobs).
 
 One image per request. For each signature and 1, 4 and 16 concurrent
 clients, five paths call the same exported SavedModel: in-process

@@ -17,7 +17,7 @@ from patchnet_tf.errors import PatchNetError
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
 from serving import client
-from serving.batching import QUEUE_FULL, BatchingOptions, read_batching_parameters
+from serving.batching import QUEUE_FULL, BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.loader import LoadedModel
 from serving.server import start_server
 from test_serving import MODEL, PREPROCESSING, TOLERANCE, images, outputs, request, tiny_model
@@ -191,3 +191,26 @@ def test_serve_refuses_batching_flags_that_do_not_fit(export, tmp_path, capsys):
     for flags, message in cases:
         assert cli_main(["serve", base, "--port", "0", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_allowed_batch_sizes_pad_the_batch_and_drop_the_padding(export, monkeypatch):
+    export_dir, _ = export
+    model = LoadedModel(export_dir)
+    scheduler = BatchScheduler(BatchingOptions(max_batch_size=4, allowed_batch_sizes=(2, 4), num_batch_threads=1))
+    rows_run, real_run = [], LoadedModel.run
+
+    def spy(self, name, inputs, output_filter=()):
+        rows_run.append(len(inputs["image_bytes"]))
+        return real_run(self, name, inputs, output_filter)
+
+    try:
+        data = np.array(images(3, seed=7), dtype=object)
+        want = model.run("classify", {"image_bytes": data})
+        monkeypatch.setattr(LoadedModel, "run", spy)
+        got = scheduler.run(model, "classify", {"image_bytes": data})
+    finally:
+        scheduler.stop()
+        model.close()
+    assert rows_run == [4]  # 3 rows padded up to the allowed size 4
+    assert got["probability"].shape == (3,)
+    np.testing.assert_allclose(got["probability"], want["probability"], atol=TOLERANCE)

@@ -19,6 +19,10 @@ client) works against it unchanged. Its behaviour follows the real server:
 - Signatures run through the same session loader as TF Serving
   (`serving.loader.LoadedModel`).
 - Status codes and messages as TF Serving's (SPEC section 6).
+- `--rest-api-port`: TF Serving's REST API as well (`serving.rest`), answered by
+  the same `predict` / `get_model_metadata` / `get_model_status` functions as gRPC.
+- `--enable-batching`: concurrent requests merged into one session run
+  (`serving.batching`), as TF Serving's `--enable_batching`.
 
 Binds 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.
 """

@@ -12,6 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,9 +20,10 @@ import tensorflow as tf
 from patchnet_tf import heatmap
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
+from serving import client
 from serving.rest import _float_texts, debug_string
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, tiny_model
+from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +173,7 @@ BAD_REQUESTS = {  # the gRPC battery of tests/test_serving.py, as JSON, plus wha
     "not JSON": (PREDICT, b"\x89PNG junk", 400, "JSON Parse error: "),
     "empty body": (PREDICT, b"", 400, "JSON Parse error: The document is empty"),
     "JSON but not an object": (PREDICT, b"[1, 2]", 400, "JSON Value: [1, 2] Is not object"),
+    "65 MiB of junk": (PREDICT, lambda: b"\x00\xff" * (65 << 19), 400, "JSON Parse error: "),
     "no :predict in the path": (
         f"/v1/models/{MODEL}", {"instances": [b64(GOOD)]}, 400, f"Malformed request: POST /v1/models/{MODEL}"),
 }
@@ -180,7 +183,7 @@ BAD_REQUESTS = {  # the gRPC battery of tests/test_serving.py, as JSON, plus wha
 def test_bad_requests_get_tf_serving_json_errors_and_server_keeps_serving(rest, case):
     server, model = rest
     path, body, http_status, message = BAD_REQUESTS[case]
-    status, answer = call(server, path, body)
+    status, answer = call(server, path, body() if callable(body) else body)
     assert status == http_status, answer
     assert set(answer) == {"error"} and message in answer["error"], answer
     status, answer = call(server, PREDICT, {"instances": [b64(GOOD)]})
@@ -270,3 +273,25 @@ def test_concurrent_rest_clients(rest):
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         assert sum(pool.map(client_session, range(16))) == 48
+
+
+def test_rest_and_grpc_give_the_same_codes_and_messages(rest):
+    """Both front ends call the same predict function: once JSON became tensors, the answers are one."""
+    server, _ = rest
+    stub = client.prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.address))
+    cases = [  # (signature, input name, value as sent over gRPC, the same as JSON)
+        ("classify", "image_bytes", [GOOD, b"hello"], [b64(GOOD), b64(b"hello")]),
+        ("classify", "image_bytes", [GOOD[:60]], [b64(GOOD[:60])]),
+        ("classify", "image_bytes", [], []),
+        ("classify_images", "images", np.zeros((2, 8, 8), np.float32), np.zeros((2, 8, 8)).tolist()),
+        ("classify_images", "images", np.zeros((1, 8, 8, 4), np.float32), np.zeros((1, 8, 8, 4)).tolist()),
+        ("predict_all", "image_bytes", [GOOD], [b64(GOOD)]),
+    ]
+    for signature, name, value, as_json in cases:
+        proto = tf.make_tensor_proto(value, tf.string if name == "image_bytes" else tf.float32)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Predict(request(signature, {name: proto}))
+        status, answer = call(server, PREDICT, {"signature_name": signature, "inputs": {name: as_json}})
+        assert answer == {"error": error.value.details()}, signature
+        assert status == 400 and error.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                        grpc.StatusCode.FAILED_PRECONDITION)

@@ -1,20 +1,32 @@
-"""Serving benchmark: the classify signature over gRPC (local server) against in-process.
+"""Serving benchmark: classify and heatmap over gRPC and REST, batching off and on, against in-process.
 
-    python -m bench.serving            # the paper's subnet (p = 21, 7 x 64 convs), 128 x 128 images
-    python -m bench.serving --quick    # a small subnet and 64 x 64 images, under 2 minutes
+    python -m bench.serving            # the paper's subnet (p = 21, 7 x 64 convs), 128 x 128 PNGs
+    python -m bench.serving --quick    # a small subnet and 64 x 64 PNGs; about a minute
 
-Both sides run the same exported SavedModel through the same session-loader
-path (`serving.loader.LoadedModel`), so the ratio is the cost of gRPC,
-protobuf conversion and the server's request checks. Latency: one image per
-request, one caller, p50 / p99. Throughput: 4 concurrent callers. Blocks of
-the two are interleaved so that load changes on the shared machine hit both.
-Writes bench/results/serving[_quick].json.
+The default run takes about 5 minutes of CPU time on 2 cores (11 minutes
+wall on a machine shared with four other jobs).
+
+One image per request. For each signature and 1, 4 and 16 concurrent
+clients, five paths call the same exported SavedModel: in-process
+(`serving.loader.LoadedModel.run` from as many threads, the reference),
+and the local server over gRPC and over REST, once without batching and
+once with `--enable_batching` and `serving/batching.config` (up to 16
+images per session run, 5 ms window, 2 batch threads). Each client opens its
+own channel or keep-alive HTTP connection and sends requests back to back
+for `--seconds` per block; blocks of the five paths are interleaved so load
+changes on the shared machine hit all of them. Reports p50 / p99 latency,
+requests/s, and each path's ratios to in-process in the same cell; writes
+bench/results/serving[_quick].json.
 """
 
 import argparse
+import base64
 import concurrent.futures
+import http.client
+import json
 import shutil
 import tempfile
+import threading
 import time
 
 from bench.common import environment, print_table, write_json
@@ -30,111 +42,195 @@ from patchnet_tf import build_patchnet  # noqa: E402
 from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
 from pipelines.export import write_saved_model  # noqa: E402
 from pipelines.push import copy_version  # noqa: E402
-from serving.client import build_request  # noqa: E402
+from serving.batching import read_batching_parameters  # noqa: E402
+from serving.client import MAX_MESSAGE, build_request  # noqa: E402
 from serving.loader import LoadedModel  # noqa: E402
 from serving.server import start_server  # noqa: E402
 
-CONCURRENCY = 4
+SIGNATURES = ("classify", "heatmap")
+CLIENTS = (1, 4, 16)
+PATHS = ("in-process", "gRPC", "REST", "gRPC batching", "REST batching")
+BATCHING_CONFIG = "serving/batching.config"
 
 
 def percentile(values, q):
     return float(np.percentile(np.asarray(values) * 1e3, q))
 
 
-def sequential(call, count):
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+def in_process_client(model, data, signature):
+    feed = {"image_bytes": np.array([data], dtype=object)}
+
+    def call():
+        return model.run(signature, feed)["probability"]
+
+    return call, lambda: None
 
 
-def concurrent_rate(call, count):
-    """Requests/s with CONCURRENCY callers sharing `count` requests."""
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-        list(pool.map(lambda _: call(), range(count)))
-    return count / (time.perf_counter() - start)
+def grpc_client(address, data, signature):
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = build_request("patchnet", [data], signature)
+
+    def call():
+        return tf.make_ndarray(stub.Predict(request, timeout=300).outputs["probability"])
+
+    return call, channel.close
+
+
+def rest_client(port, data, signature):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)  # keep-alive, one per client
+    body = json.dumps({"signature_name": signature,
+                       "instances": [{"image_bytes": {"b64": base64.b64encode(data).decode()}}]})
+    headers = {"Content-Type": "application/json"}
+
+    def call():
+        connection.request("POST", "/v1/models/patchnet:predict", body, headers)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"REST {response.status}: {answer}")
+        return np.array([row["probability"] for row in answer["predictions"]], np.float32)
+
+    return call, connection.close
+
+
+def run_block(make_client, clients, seconds, minimum):
+    """Latencies (s) and requests/s of `clients` threads calling back to back for `seconds`
+    (and at least `minimum` requests in all)."""
+    latencies, lock = [], threading.Lock()
+    ready = threading.Barrier(clients + 1)
+    done = [0]
+    start_time = [0.0]
+
+    def client():
+        call, close = make_client()
+        try:
+            call()  # this connection's first call (channel setup) is not measured
+        except BaseException:
+            ready.abort()  # the others must not wait for this client forever
+            raise
+        ready.wait()
+        try:
+            while True:
+                with lock:
+                    if time.perf_counter() - start_time[0] >= seconds and done[0] >= minimum:
+                        return
+                    done[0] += 1
+                begin = time.perf_counter()
+                call()
+                elapsed = time.perf_counter() - begin
+                with lock:
+                    latencies.append(elapsed)
+        finally:
+            close()
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client) for _ in range(clients)]
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            for future in futures:
+                future.result()  # raises the client's error
+            raise
+        start_time[0] = time.perf_counter()
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - start_time[0]
+    return latencies, len(latencies) / wall
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small subnet; under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small subnet and images; about a minute and a half")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="seconds per block (default 1.2, quick 0.6)")
+    parser.add_argument("--blocks", type=int, default=2, help="interleaved blocks per path and cell")
     args = parser.parse_args()
     quick = args.quick
-    size, filters, layers, requests, blocks = (64, 16, 3, 60, 2) if quick else (128, 64, 7, 30, 2)
+    size, filters, layers, stride = (64, 16, 3, 4) if quick else (128, 64, 7, 7)
+    seconds = args.seconds or (0.6 if quick else 1.2)
     keras.utils.set_random_seed(0)
     model = build_patchnet(21, filters=filters, conv_layers=layers)
     preprocessing = Preprocessing(image_size=(size, size))
+    batching = read_batching_parameters(BATCHING_CONFIG)
     root = tempfile.mkdtemp(prefix="bench-serving-")
-    server = None
+    servers = {}
     try:
-        export_dir = write_saved_model(model, preprocessing, f"{root}/export", heatmap_stride=7)
+        export_dir = write_saved_model(model, preprocessing, f"{root}/export", heatmap_stride=stride)
         copy_version(export_dir, f"{root}/models/patchnet", 1)
         image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
         data = cv2.imencode(".png", image)[1].tobytes()
-
         local = LoadedModel(export_dir)
-        feed = {"image_bytes": np.array([data], dtype=object)}
-        in_process = lambda: local.run("classify", feed)  # noqa: E731
+        for name, options in (("plain", None), ("batching", batching)):
+            servers[name] = start_server(f"{root}/models/patchnet", "patchnet", port=0, workers=32,
+                                         rest_api_port=0, batching=options)
+            servers[name].wait_for_version(1)
+        factories = {
+            "in-process": lambda signature: lambda: in_process_client(local, data, signature),
+            "gRPC": lambda signature: lambda: grpc_client(servers["plain"].address, data, signature),
+            "REST": lambda signature: lambda: rest_client(servers["plain"].rest_port, data, signature),
+            "gRPC batching": lambda signature: lambda: grpc_client(servers["batching"].address, data, signature),
+            "REST batching": lambda signature: lambda: rest_client(servers["batching"].rest_port, data, signature),
+        }
+        for signature in SIGNATURES:  # warm up every path, and check they all answer the same
+            want = in_process_client(local, data, signature)[0]()
+            for path in PATHS:
+                call, close = factories[path](signature)()
+                for _ in range(3):
+                    np.testing.assert_allclose(call(), want, atol=1e-5)
+                close()
 
-        server = start_server(f"{root}/models/patchnet", "patchnet", port=0, workers=CONCURRENCY * 2)
-        server.wait_for_version(1)
-        channel = grpc.insecure_channel(server.address)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = build_request("patchnet", [data], "classify")
-        over_grpc = lambda: stub.Predict(request, timeout=60)  # noqa: E731
-
-        for call in (in_process, over_grpc):  # warm up: first runs, oneDNN setup, channel
-            for _ in range(5):
-                call()
-        assert np.allclose(tf.make_ndarray(over_grpc().outputs["probability"]),
-                           in_process()["probability"], atol=1e-6)
-
-        latency = {"in-process": [], "gRPC": []}
-        rates = {"in-process": [], "gRPC": []}
-        for _ in range(blocks):
-            for name, call in (("in-process", in_process), ("gRPC", over_grpc)):
-                latency[name] += sequential(call, requests)
-                rates[name].append(concurrent_rate(call, requests))
-        channel.close()
+        cells = {}
+        for signature in SIGNATURES:
+            for clients in CLIENTS:
+                measured = {path: {"latency": [], "rates": []} for path in PATHS}
+                stats_before = servers["batching"].batcher.stats()
+                for _ in range(args.blocks):
+                    for path in PATHS:
+                        latency, rate = run_block(factories[path](signature), clients, seconds, minimum=clients)
+                        measured[path]["latency"] += latency
+                        measured[path]["rates"].append(rate)
+                stats_after = servers["batching"].batcher.stats()
+                batches = stats_after["batches"] - stats_before["batches"]
+                measured["requests_per_batch"] = (
+                    (stats_after["requests"] - stats_before["requests"]) / batches if batches else 0.0)
+                cells[(signature, clients)] = measured
+                print(f"  {signature}, {clients} clients: done", flush=True)
         local.close()
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     rows = []
-    for name in ("in-process", "gRPC"):
-        rows.append({
-            "path": name,
-            "p50_ms": percentile(latency[name], 50),
-            "p99_ms": percentile(latency[name], 99),
-            "sequential_rps": 1.0 / float(np.mean(latency[name])),
-            "concurrent_rps": float(np.median(rates[name])),
-        })
-    base, remote = rows
-    ratios = {
-        "p50_grpc_over_in_process": remote["p50_ms"] / base["p50_ms"],
-        "p99_grpc_over_in_process": remote["p99_ms"] / base["p99_ms"],
-        "throughput_grpc_over_in_process": remote["concurrent_rps"] / base["concurrent_rps"],
-        "grpc_overhead_p50_ms": remote["p50_ms"] - base["p50_ms"],
-    }
+    for (signature, clients), measured in cells.items():
+        reference = measured["in-process"]
+        base_p50 = percentile(reference["latency"], 50)
+        base_rate = float(np.median(reference["rates"]))
+        for path in PATHS:
+            latency, rates = measured[path]["latency"], measured[path]["rates"]
+            rate = float(np.median(rates))
+            rows.append({
+                "signature": signature, "clients": clients, "path": path, "requests": len(latency),
+                "p50_ms": percentile(latency, 50), "p99_ms": percentile(latency, 99), "rps": rate,
+                "p50_vs_in_process": percentile(latency, 50) / base_p50, "rps_vs_in_process": rate / base_rate,
+                "requests_per_batch": measured["requests_per_batch"] if "batching" in path else "",
+            })
     print_table(
-        f"bench.serving ({'quick' if quick else 'default'}): classify, 1 PNG of {size}x{size} per request, "
-        f"subnet p=21 {layers}x{filters}; {len(latency['gRPC'])} sequential requests per path, "
-        f"throughput with {CONCURRENCY} callers",
+        f"bench.serving ({'quick' if quick else 'default'}): 1 PNG of {size}x{size} per request, subnet p=21 "
+        f"{layers}x{filters}, heatmap stride {stride}; {args.blocks} interleaved blocks of {seconds:g} s per path; "
+        f"batching: {BATCHING_CONFIG}",
         rows,
-        [("path", "path"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
-         ("sequential_rps", "req/s (1 caller)"), ("concurrent_rps", f"req/s ({CONCURRENCY} callers)")],
+        [("signature", "signature"), ("clients", "clients"), ("path", "path"), ("requests", "requests"),
+         ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("rps", "req/s"),
+         ("p50_vs_in_process", "p50 / in-process"), ("rps_vs_in_process", "req/s / in-process"),
+         ("requests_per_batch", "requests per batch")],
     )
-    print_table("same-run ratios", [{"measure": k, "value": v} for k, v in ratios.items()],
-                [("measure", "measure"), ("value", "value")])
     write_json("serving_quick" if quick else "serving", {
         "environment": environment(), "quick": quick, "image_size": size, "filters": filters,
-        "conv_layers": layers, "concurrency": CONCURRENCY, "rows": rows, "ratios": ratios,
-        "latency_s": latency,
+        "conv_layers": layers, "heatmap_stride": stride, "seconds_per_block": seconds, "blocks": args.blocks,
+        "batching": batching.__dict__ | {"allowed_batch_sizes": list(batching.allowed_batch_sizes)},
+        "rows": rows,
     })
 
 

@@ -27,6 +27,10 @@ client) works against it unchanged. Its behaviour follows the real server:
   (`serving.loader.LoadedModel`).
 - Status codes and messages as TF Serving's (SPEC section 6); no message
   size cap below TF Serving's INT32_MAX unless --max-message-bytes says so.
+- `--rest-api-port`: TF Serving's REST API as well (`serving.rest`), answered by
+  the same `predict` / `get_model_metadata` / `get_model_status` functions as gRPC.
+- `--enable-batching`: concurrent requests merged into one session run
+  (`serving.batching`), as TF Serving's `--enable_batching`.
 
 Binds 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.
 """
@@ -59,6 +63,7 @@ from patchnet_tf.flag_types import (
     message_bytes, nonnegative_float, nonnegative_int, port_number, positive_float, positive_int,
 )
 from patchnet_tf.errors import PatchNetError
+from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
 from serving.warmup import replay_warmup
 
@@ -500,65 +505,113 @@ def _status_name(error):
     return "INTERNAL"
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core):
-        self.core = core
+def predict(core, request, run=None):
+    """PredictionService.Predict for both front ends (gRPC and REST), so their codes and messages are one.
 
-    def Predict(self, request, context):
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
+    `run(model, signature_name, inputs, output_filter)` runs the signature (default: LoadedModel.run; the
+    batching scheduler's `run` with --enable_batching). The version is held while it runs, so an unload
+    never closes its session mid-request. Returns a PredictResponse; raises SignatureError with TF
+    Serving's status code.
+    """
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    with core.hold(request.model_spec) as (version, model):
+        signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        model.signature(signature_name)
+        inputs = {}
+        for key, proto in request.inputs.items():
+            try:
+                if any(dim.size < 0 for dim in proto.tensor_shape.dim):  # Tensor::FromProto refuses these
+                    raise ValueError(f"negative dimension in {key}")
+                inputs[key] = tf.make_ndarray(proto)
+            except Exception:
+                raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
         try:
-            with self.core.hold(request.model_spec) as (version, model):
-                signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-                model.signature(signature_name)
-                inputs = {}
-                for key, proto in request.inputs.items():
-                    try:
-                        if any(dim.size < 0 for dim in proto.tensor_shape.dim):  # Tensor::FromProto refuses these
-                            raise ValueError(f"negative dimension in {key}")
-                        inputs[key] = tf.make_ndarray(proto)
-                    except Exception:
-                        raise SignatureError("INVALID_ARGUMENT", f"tensor parsing error: {key}") from None
+            if run is None:
                 outputs = model.run(signature_name, inputs, request.output_filter)
-        except SignatureError as error:
-            return _abort(context, error.code, error.message)
+            else:
+                outputs = run(model, signature_name, inputs, request.output_filter)
         except tf.errors.OpError as error:
             message = first_line(error)
             named = [key for key in request.inputs if key in message]
             if not named:  # e.g. "Invalid PNG data": say which input it came from
                 message = f"{', '.join(sorted(request.inputs))}: {message}"
-            return _abort(context, _status_name(error), message)
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = version
-        response.model_spec.signature_name = signature_name
-        for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
-        return response
+            raise SignatureError(_status_name(error), message) from None
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = version
+    response.model_spec.signature_name = signature_name
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return response
 
-    def GetModelMetadata(self, request, context):
-        # TF Serving checks the request before it looks the model up (get_model_metadata_impl.cc).
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
-        fields = list(request.metadata_field)
-        if not fields:
-            return _abort(context, "INVALID_ARGUMENT",
-                          "GetModelMetadataRequest must specify at least one metadata_field")
-        unsupported = [field for field in fields if field != "signature_def"]
-        if unsupported:
-            return _abort(context, "INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
+
+def get_model_metadata(core, request):
+    """PredictionService.GetModelMetadata for both front ends; raises SignatureError."""
+    # TF Serving checks the request before it looks the model up (get_model_metadata_impl.cc).
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    fields = list(request.metadata_field)
+    if not fields:
+        raise SignatureError("INVALID_ARGUMENT", "GetModelMetadataRequest must specify at least one metadata_field")
+    unsupported = [field for field in fields if field != "signature_def"]
+    if unsupported:
+        raise SignatureError("INVALID_ARGUMENT", f"Metadata field {unsupported[0]} is not supported")
+    version, model = core.get(request.model_spec)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in model.signatures.items():
+        signature_map.signature_def[name].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = version
+    response.metadata["signature_def"].Pack(signature_map)
+    return response
+
+
+def get_model_status(core, request):
+    """ModelService.GetModelStatus for both front ends; raises SignatureError.
+
+    As get_model_status_impl.cc: a version_label is not looked at; without a version, every version.
+    """
+    if not request.HasField("model_spec"):
+        raise SignatureError("INVALID_ARGUMENT", "Missing ModelSpec")
+    spec = request.model_spec
+    requested = spec.version.value if spec.HasField("version") else None
+    statuses = core.statuses(spec.name)
+    if requested is not None:
+        if requested not in statuses:
+            raise SignatureError("NOT_FOUND", f"Could not find version {requested} of model {spec.name}")
+        statuses = {requested: statuses[requested]}
+    elif not statuses:
+        raise SignatureError("NOT_FOUND", f"Could not find any versions of model {spec.name}")
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, (state, failure) in sorted(statuses.items()):
+        status = response.model_version_status.add()
+        status.version = version
+        status.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
+        status.status.SetInParent()  # TF Serving always sets it: error_code OK unless the load failed
+        if failure is not None and failure.gave_up:  # TF Serving reports the load error once it gives up
+            status.status.error_code = getattr(grpc.StatusCode, failure.code).value[0]
+            status.status.error_message = failure.message
+    return response
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core, run=None):
+        self.core = core
+        self.run = run
+
+    def Predict(self, request, context):
         try:
-            version, model = self.core.get(request.model_spec)
+            return predict(self.core, request, self.run)
         except SignatureError as error:
             return _abort(context, error.code, error.message)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature in model.signatures.items():
-            signature_map.signature_def[name].CopyFrom(signature)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = version
-        response.metadata["signature_def"].Pack(signature_map)
-        return response
+
+    def GetModelMetadata(self, request, context):
+        try:
+            return get_model_metadata(self.core, request)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -566,28 +619,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.core = core
 
     def GetModelStatus(self, request, context):
-        # As get_model_status_impl.cc: a version_label is not looked at; without a version, every version.
-        if not request.HasField("model_spec"):
-            return _abort(context, "INVALID_ARGUMENT", "Missing ModelSpec")
-        spec = request.model_spec
-        requested = spec.version.value if spec.HasField("version") else None
-        statuses = self.core.statuses(spec.name)
-        if requested is not None:
-            if requested not in statuses:
-                return _abort(context, "NOT_FOUND",
-                              f"Could not find version {requested} of model {spec.name}")
-            statuses = {requested: statuses[requested]}
-        elif not statuses:
-            return _abort(context, "NOT_FOUND", f"Could not find any versions of model {spec.name}")
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for version, (state, failure) in sorted(statuses.items()):
-            status = response.model_version_status.add()
-            status.version = version
-            status.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
-            if failure is not None and failure.gave_up:  # TF Serving reports the load error once it gives up
-                status.status.error_code = getattr(grpc.StatusCode, failure.code).value[0]
-                status.status.error_message = failure.message
-        return response
+        try:
+            return get_model_status(self.core, request)
+        except SignatureError as error:
+            return _abort(context, error.code, error.message)
 
     def HandleReloadConfigRequest(self, request, context):
         """As model_service_impl.cc: only a model_config_list; the whole config replaces the served one."""
@@ -642,15 +677,20 @@ class ConfigFilePoller:
 
 
 class LocalServer:
-    """A running server: `.port`, `.address`, `.core`, `.versions()`, `.wait_for_version()`, `.stop()`."""
+    """A running server: `.port`, `.address`, `.rest_port`, `.core`, `.versions()`, `.wait_for_version()`,
+    `.stop()`."""
 
-    def __init__(self, core, grpc_server, host, port, config_poller=None):
+    def __init__(self, core, grpc_server, host, port, config_poller=None, rest=None, batcher=None):
         self.core = core
         self._server = grpc_server
         self._config_poller = config_poller
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
+        self.rest = rest  # serving.rest.RestServer or None
+        self.rest_port = rest.port if rest else None
+        self.rest_url = f"http://{host}:{rest.port}" if rest else None
+        self.batcher = batcher  # serving.batching.BatchScheduler or None
 
     def _name(self, model_name):
         if model_name is not None:
@@ -681,7 +721,11 @@ class LocalServer:
         """Finishes requests in flight (up to `grace` seconds), then unloads everything."""
         if self._config_poller is not None:
             self._config_poller.stop()
+        if self.rest is not None:
+            self.rest.stop()
         self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
         self.core.stop()
 
     def wait(self):
@@ -705,11 +749,17 @@ def _check_port_free(host, port):
 def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, model_config_file=None,
                  model_config_file_poll_wait_seconds=0.0, poll_seconds=1.0, num_versions=1, workers=8,
                  max_load_retries=5, load_retry_interval=60.0, allow_version_labels_for_unavailable_models=False,
-                 models_dir=None, max_message_bytes=MAX_MESSAGE_BYTES):
+                 models_dir=None, max_message_bytes=MAX_MESSAGE_BYTES, rest_api_port=None, batching=None):
     """Starts serving one model (BASE/<version> folders) or the models of a ModelServerConfig file;
-    port 0 picks a free port (see `.port`). Raises PatchNetError for a bad base folder or config file."""
+    port 0 picks a free port (see `.port`). Raises PatchNetError for a bad base folder or config file.
+
+    rest_api_port: also answer TF Serving's REST API there (None: no REST; 0: any free port).
+    batching: a serving.batching.BatchingOptions to merge concurrent requests (--enable_batching).
+    """
     if (base_dir is None) == (model_config_file is None):
         raise PatchNetError("give a model base folder or --model-config-file, not both")
+    if rest_api_port and rest_api_port == port:  # TF Serving refuses this too (model_servers/server.cc)
+        raise PatchNetError(f"--rest-api-port {rest_api_port} must differ from --port")
     if model_config_file is not None:
         model_config_file = os.path.abspath(model_config_file)
         try:
@@ -733,27 +783,41 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
             ("grpc.so_reuseport", 0),
         ],
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core), server)
+    batcher = BatchScheduler(batching) if batching is not None else None
+    run = batcher.run if batcher is not None else None
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(core, run), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
-    _check_port_free(host, port)
-    try:  # before loading any model: a busy port fails in a second, not after the load
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
-    try:
+    rest = None
+    try:  # both ports before loading any model: a busy port fails in a second, not after the load
+        _check_port_free(host, port)
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
+        if rest_api_port is not None:
+            from serving.rest import RestServer  # the REST front end calls back into this module
+
+            rest = RestServer(core, host, rest_api_port, run=run)
         core.reload_config(config)
-    except ConfigError as error:  # as TF Serving: "Failed to start server"
-        core.stop()
-        source = model_config_file or base_dir
-        raise PatchNetError(f"{source}: {error.code}: {error.message}") from None
+    except (PatchNetError, ConfigError) as error:
+        server.stop(0)
+        for part in (rest, batcher, core):
+            if part is not None:
+                part.stop()
+        if isinstance(error, PatchNetError):
+            raise
+        # As TF Serving: "Failed to start server"
+        raise PatchNetError(f"{model_config_file or base_dir}: {error.code}: {error.message}") from None
     poller = None
     if model_config_file is not None and model_config_file_poll_wait_seconds > 0:
         poller = ConfigFilePoller(core, model_config_file, model_config_file_poll_wait_seconds)
         poller.start()
     server.start()
-    return LocalServer(core, server, host, bound, poller)
+    if rest is not None:
+        rest.start()
+    return LocalServer(core, server, host, bound, poller, rest, batcher)
 
 
 def add_arguments(parser):
@@ -784,12 +848,26 @@ def add_arguments(parser):
                         help="microseconds between load retries; negative: no wait (TF Serving's flag)")
     parser.add_argument("--max-message-bytes", type=message_bytes, default=MAX_MESSAGE_BYTES,
                         help="largest request or response in bytes (default 2147483647, INT32_MAX, as TF Serving)")
+    parser.add_argument("--rest-api-port", type=port_number, default=0,
+                        help="also serve TF Serving's REST API on this port; 0 (default): no REST, as "
+                             "tensorflow_model_server (its Docker image passes 8501)")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="merge concurrent requests into one session run (TF Serving's --enable_batching)")
+    parser.add_argument("--batching-parameters-file", default=None,
+                        help="text-format BatchingParameters, e.g. serving/batching.config "
+                             "(default: TF Serving's defaults)")
 
 
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if (args.base is None) == (args.model_config_file is None):
         raise PatchNetError("give a model base folder BASE or --model-config-file FILE (one of the two)")
+    if args.batching_parameters_file and not args.enable_batching:
+        raise PatchNetError("--batching-parameters-file is used only with --enable-batching")
+    batching = None
+    if args.enable_batching:
+        batching = (read_batching_parameters(args.batching_parameters_file) if args.batching_parameters_file
+                    else BatchingOptions())
     models_dir = args.models_dir
     if args.model_config_file is not None and models_dir is None:
         models_dir = os.path.dirname(os.path.abspath(args.model_config_file))
@@ -800,7 +878,8 @@ def run(args):
                           workers=args.workers, max_load_retries=args.max_num_load_retries,
                           load_retry_interval=args.load_retry_interval_micros / 1e6,
                           allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
-                          models_dir=models_dir, max_message_bytes=args.max_message_bytes)
+                          models_dir=models_dir, max_message_bytes=args.max_message_bytes,
+                          rest_api_port=args.rest_api_port or None, batching=batching)
     stopped = threading.Event()
 
     def on_signal(signum, frame):
@@ -813,7 +892,9 @@ def run(args):
         versions = server.core.versions(name)
         served.append(f"model {name} from {server.core.manager(name).base_dir} "
                       f"(versions: {', '.join(map(str, versions)) or 'none yet, polling'})")
-    print(f"serving {'; '.join(served) or 'no models'} on {server.address}", flush=True)
+    print(f"serving {'; '.join(served) or 'no models'} on {server.address}"
+          + (f"; REST API on {server.rest_url}" if server.rest_url else "")
+          + ("; batching on" if server.batcher else ""), flush=True)
     while not stopped.wait(0.5):
         pass
     print("stopping: finishing requests in flight", flush=True)

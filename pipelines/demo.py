@@ -9,6 +9,7 @@ call `classify` and `heatmap` over gRPC -> stop the server.
 import os
 import time
 
+from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import image_size, nonnegative_int, port_number, positive_int
 from patchnet_tf.metrics import format_number, format_percent
 
@@ -48,6 +49,7 @@ def run(args):
     from serving.server import start_server
 
     out = os.path.abspath(args.out)
+    check_output_path(out, "--out")
     data, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
     stage = Stages(7)
 

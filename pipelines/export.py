@@ -32,6 +32,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
@@ -262,6 +263,7 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_output_path(args.out, "--out")
     path = export_saved_model(
         args.model, args.out, heatmap_stride=args.heatmap_stride, chunk_patches=args.chunk_patches
     )

@@ -14,6 +14,7 @@ import os
 import cv2
 import numpy as np
 
+from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
@@ -71,11 +72,14 @@ def filter_grid(maps):
 
 
 def run(args):
+    check_output_path(args.out, "--out")
     model, preprocessing = load_trained_model(args.model)
     arch = arch_of(model)
     if args.filters and arch != "patchnet":
         raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch}")
     paths = list_images(args.images)
+    for path in paths:  # a bad file stops the command before any PNG is written, not halfway
+        read_image(path, preprocessing.channels)
     os.makedirs(args.out, exist_ok=True)
     progress = Progress(len(paths), "image", "heatmaps")
     for path, stem in zip(paths, output_stems(paths)):

@@ -40,7 +40,8 @@ import os
 import cv2
 import numpy as np
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text
+from patchnet_tf.atomic import atomic_path, atomic_write_text, check_output_path
+from patchnet_tf.errors import PatchNetError
 from pipelines.data import DATASET_FILE
 
 # variant -> (background textures, inlay texture)
@@ -238,8 +239,13 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, choices=(2, 3), default=2,
                         help="3: plain, brick and grass inlays on gravel, masks per class (--variant does not apply)")
     args = parser.parse_args(argv)
-    write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
-                          variant=args.variant, tint=args.tint, classes=args.classes)
+    try:
+        check_output_path(args.root, "root")
+        write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
+                              variant=args.variant, tint=args.tint, classes=args.classes)
+    except (PatchNetError, OSError) as error:
+        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
+        parser.exit(2, f"{parser.prog}: error: {where}{getattr(error, 'strerror', None) or error}\n")
     print(f"wrote {args.root}")
 
 

@@ -224,7 +224,8 @@ def check_settings(config):
         patch_size = config["patch_size"]
         if patch_size > min(height, width):
             raise PatchNetError(
-                f"--patch-size {patch_size} is larger than the image ({min(height, width)} px after resizing)"
+                f"--patch-size {patch_size} is larger than the image ({min(height, width)} px after resizing "
+                f"to --image-size {height}x{width})"
             )
         if config["stride"] is not None and config["stride"] > patch_size:
             raise PatchNetError(f"--stride {config['stride']} is larger than --patch-size {patch_size}: "

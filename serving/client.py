@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import class_colour_map, heatmap_overlay, heatmap_to_gray, output_stems
@@ -210,6 +211,8 @@ def add_arguments(parser):
 
 
 def run(args):
+    if args.signature == "heatmap":
+        check_output_path(args.out, "--out")
     predictions = predict(args.server, args.model, args.images, args.signature, version=args.version,
                           deadline=args.deadline, retries=args.retries, wait=args.wait)
     written = write_heatmaps(predictions, args.out) if args.signature == "heatmap" else []

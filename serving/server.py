@@ -806,7 +806,7 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
         for part in (rest, batcher, core):
             if part is not None:
                 part.stop()
-        if isinstance(error, PatchNetError):
+        if not isinstance(error, ConfigError):
             raise
         # As TF Serving: "Failed to start server"
         raise PatchNetError(f"{model_config_file or base_dir}: {error.code}: {error.message}") from None

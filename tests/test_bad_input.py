@@ -54,6 +54,8 @@ CASES = [
     ("heatmap-truncated-model", ["heatmap", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
     ("heatmap-filters-on-cam", ["heatmap", "{image}", "--model", "{cam}", "--out", "{new}", "--filters"],
      "--filters needs a PatchNet", "{new}"),
+    ("heatmap-bad-file-in-folder", ["heatmap", "{broken_data}", "--model", "{run}", "--out", "{new}"],
+     "zz-broken.png", "{new}"),
     ("heatmap-out-is-file", ["heatmap", "{image}", "--model", "{run}", "--out", "{file}"], "{file}", "{file}"),
     ("heatmap-stride-zero", ["heatmap", "{image}", "--model", "{run}", "--out", "{new}", "--stride", "0"], "--stride", "{new}"),
     # --- evaluate
@@ -84,6 +86,10 @@ CASES = [
      "40", "{new}"),
     ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
     ("demo-out-is-file", ["demo", "--out", "{file}"], "{file}", "{file}"),
+    ("export-out-is-file", ["export", "{run}", "--out", "{file}"], "{file}", "{file}"),
+    ("predict-out-is-file", ["predict", "{image}", "--model", "tiny", "--signature", "heatmap", "--out", "{file}"],
+     "{file}", "{file}"),
+    ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
 ]
 
 
@@ -175,7 +181,8 @@ def outcomes(places):
         argv = [part.format(**names) for part in argv]
         out = watched.format(**names) if watched else None
         before = _snapshot(out)
-        result = subprocess.run([sys.executable, "-m", "patchnet_tf", *argv], env=env, cwd=places["tmp"],
+        module = [] if argv[0].startswith("pipelines.") else ["patchnet_tf"]  # or `python -m pipelines.X`
+        result = subprocess.run([sys.executable, "-m", *module, *argv], env=env, cwd=places["tmp"],
                                 capture_output=True, text=True, timeout=600)
         return name, (result.returncode, result.stderr.strip().splitlines(), before, _snapshot(out))
 
@@ -190,6 +197,6 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, n
     assert code == 2, (code, lines[-5:])
     assert len(lines) == 1, lines
     assert "Traceback" not in lines[0]
-    assert lines[0].startswith("patchnet"), lines[0]
+    assert " error: " in lines[0], lines[0]
     assert expected in lines[0], lines[0]
     assert after == before, f"{watched} changed"

@@ -19,6 +19,9 @@ from patchnet_tf.heatmaps import filter_heatmaps, heatmap_overlay, heatmap_to_gr
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 
+HEATMAP_SUFFIX = "-heatmap.png"
+OVERLAY_SUFFIX = "-overlay.png"
+
 
 def add_arguments(parser):
     parser.add_argument("images", nargs="+", help="image files or folders of images")
@@ -60,6 +63,16 @@ def filter_grid(maps):
     return grid
 
 
+def prepare_image(path, preprocessing):
+    """An image file -> the [0, 1] (H, W, C) image a person sees, at model size (normalize it for the model)."""
+    return preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
+
+
+def heatmap_pngs(image, heat):
+    """The PNGs written about one image, as {file name suffix: uint8 pixels}: the map and its overlay."""
+    return {HEATMAP_SUFFIX: heatmap_to_gray(heat), OVERLAY_SUFFIX: heatmap_overlay(image, heat)}
+
+
 def run(args):
     model, preprocessing = load_trained_model(args.model)
     arch = arch_of(model)
@@ -69,12 +82,12 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     progress = keras.utils.Progbar(len(paths), unit_name="image")
     for path, stem in zip(paths, output_stems(paths)):
-        image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
+        image = prepare_image(path, preprocessing)
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride)[0]
         prefix = os.path.join(args.out, stem)
-        cv2.imwrite(f"{prefix}-heatmap.png", heatmap_to_gray(heat))
-        cv2.imwrite(f"{prefix}-overlay.png", heatmap_overlay(image, heat))
+        for suffix, pixels in heatmap_pngs(image, heat).items():
+            cv2.imwrite(prefix + suffix, pixels)
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
             cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))

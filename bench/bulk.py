@@ -1,0 +1,109 @@
+"""Bulk heatmaps: `patchnet bulk` on Beam's multi-process DirectRunner against one `patchnet heatmap` process.
+
+    python -m bench.bulk            # 500 images at 192 x 256 (about 5 minutes on 2 cores)
+    python -m bench.bulk --quick    # 60 images
+
+Both commands run as a user runs them (a fresh process each, model loading
+and Beam's worker start-up included) on the same folder of random 192 x 256
+PNGs, with the paper's ISIC subnet in its exact one-pass form (p = 21,
+7 x 64 3x3 convs, padding="valid", random weights: speed does not depend on
+them). Reported: images/s of each, their ratio in this run, the CPU time of
+each command and its children, that both wrote the same PNG bytes, and the
+time of a re-run of bulk with every output present (no model work).
+Writes bench/results/bulk[_quick].json.
+"""
+
+import argparse
+import filecmp
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import MetricRows, environment
+
+import cv2  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from patchnet_tf import build_patchnet  # noqa: E402
+from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
+
+PATCH = 21
+HEIGHT, WIDTH = 192, 256
+
+
+def write_images(folder, count):
+    """`count` smooth random colour images (PNG) at 192 x 256."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for index in range(count):
+        small = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
+        image = cv2.resize(small, (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(os.path.join(folder, f"{index:05d}.png"), image)
+
+
+def timed_command(argv):
+    """(wall seconds, CPU seconds of the command and every process it waited for) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    completed = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if completed.returncode != 0:
+        sys.exit(f"bench.bulk: {' '.join(argv)} failed:\n{completed.stdout[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, completed.stdout
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 images instead of 500")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DirectRunner worker processes")
+    args = parser.parse_args(argv)
+    count = 60 if args.quick else 500
+    results = {"environment": environment(), "quick": args.quick, "images": count, "image": [HEIGHT, WIDTH],
+               "workers": args.workers,
+               "model": "PatchNet p = 21, 7 x 64 3x3 convs, padding valid (one-pass map), random weights"}
+    row = MetricRows()
+    root = tempfile.mkdtemp(prefix="bench-bulk-")
+    try:
+        images, run = os.path.join(root, "images"), os.path.join(root, "run")
+        write_images(images, count)
+        keras.utils.set_random_seed(0)
+        os.makedirs(run)
+        build_patchnet(PATCH, padding="valid").save(os.path.join(run, "model.keras"))
+        Preprocessing(image_size=(HEIGHT, WIDTH)).save(run)
+        patchnet = [sys.executable, "-m", "patchnet_tf"]
+        single_out, bulk_out = os.path.join(root, "heatmap"), os.path.join(root, "bulk")
+
+        single_wall, single_cpu, _ = timed_command(
+            patchnet + ["heatmap", images, "--model", run, "--out", single_out])
+        bulk_wall, bulk_cpu, bulk_log = timed_command(
+            patchnet + ["bulk", images, "--model", run, "--out", bulk_out, "--workers", str(args.workers)])
+        rerun_wall, _, rerun_log = timed_command(
+            patchnet + ["bulk", images, "--model", run, "--out", bulk_out, "--workers", str(args.workers)])
+
+        pngs = sorted(name for name in os.listdir(single_out) if name.endswith(".png"))
+        _, mismatch, errors = filecmp.cmpfiles(single_out, bulk_out, pngs, shallow=False)
+        results.update(single_wall_s=single_wall, bulk_wall_s=bulk_wall, rerun_wall_s=rerun_wall,
+                       bulk_log_tail=bulk_log.splitlines()[-3:], rerun_log_tail=rerun_log.splitlines()[-1:])
+        row("patchnet heatmap, one process", count / single_wall, "images/s")
+        row(f"patchnet bulk, DirectRunner {args.workers} processes", count / bulk_wall, "images/s")
+        row("bulk / heatmap throughput (same run)", single_wall / bulk_wall, "x")
+        row("patchnet heatmap CPU time per image", single_cpu / count, "s")
+        row("patchnet bulk CPU time per image (driver + workers)", bulk_cpu / count, "s")
+        row("PNGs byte-identical to patchnet heatmap's", float(len(pngs) - len(mismatch) - len(errors)), "files",
+            f"{2 * count}", len(pngs) == 2 * count and not mismatch and not errors)
+        row("bulk re-run, every output present (no model work)", rerun_wall, "s")
+        row.report(f"Bulk heatmaps: {count} images at {HEIGHT} x {WIDTH}, p = {PATCH} valid",
+                   "bulk_quick" if args.quick else "bulk", results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

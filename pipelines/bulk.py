@@ -37,7 +37,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
 from patchnet_tf.errors import PatchNetError
@@ -188,12 +188,19 @@ class PatchNetModelHandler(ModelHandler):
     Examples are (path, stem, prepared image); inferences (probability, heatmap).
     """
 
-    def __init__(self, model_path, *, stride=1, max_batch_size=8):
+    def __init__(self, model_path, *, stride=1, max_batch_size=8, threads=None):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self.model_path = model_path
         self.stride = stride
+        self.threads = threads
 
     def load_model(self):
+        if self.threads:
+            import tensorflow as tf
+
+            # Worker processes sharing one machine: each takes its share of the cores, not all of them.
+            # Setup runs before this worker's first TF op, so TF's thread pools do not exist yet.
+            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
         return LoadedModel(*load_trained_model(self.model_path))
 
     def run_inference(self, batch, loaded, inference_args=None):
@@ -240,7 +247,7 @@ class WriteOutputs(beam.DoFn):
 
 def _failed_batch(failure):
     """RunInference's dead letter holds (batch, exception info): one row per image of the batch."""
-    batch, (error_type, error_repr, _) = failure
+    batch, (_, error_repr, _) = failure
     for path, _, _ in batch:
         FAILED.inc()
         yield path, f"inference failed: {error_repr}"
@@ -251,8 +258,9 @@ def _count_skipped(row):
     return row
 
 
-def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out, stride, batch_size):
-    """The bulk pipeline on `pipeline`; writes everything under `out`."""
+def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out, stride, batch_size,
+                   threads=None):
+    """The bulk pipeline on `pipeline`; writes everything under `out`. `threads`: TF threads per worker."""
     decoded = (
         pipeline
         | "Images to do" >> beam.Create(todo)
@@ -261,7 +269,7 @@ def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out,
     predictions, inference_failures = (
         decoded.images
         | "RunInference" >> RunInference(
-            PatchNetModelHandler(model_path, stride=stride, max_batch_size=batch_size)
+            PatchNetModelHandler(model_path, stride=stride, max_batch_size=batch_size, threads=threads)
         ).with_exception_handling()
     )
     new_rows = predictions | "Write PNGs and rows" >> beam.ParDo(WriteOutputs(out, preprocessing.class_names))
@@ -294,6 +302,16 @@ def pipeline_options(args):
     flags = [f"--runner={args.runner}", *args.beam_options]
     flags += [f"--{name}={value}" for name, value in defaults.items() if name not in given]
     return PipelineOptions(flags)
+
+
+def threads_per_worker(options):
+    """TF threads per DirectRunner worker: the workers share this machine's cores, so each takes its share
+    rather than all of them (bench/bulk.py on 2 cores, two runs at different load, so indicative only:
+    2 workers of 2 threads 0.75x one `patchnet heatmap` process, 2 workers of 1 thread 1.09x).
+    Other runners: TF's default, one thread per core of the worker's machine."""
+    if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
+        return None
+    return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
 
 
 class Progress:
@@ -359,9 +377,10 @@ def run(args):
     print(f"bulk: {len(todo)} image(s) to do, {len(done_rows)} already done; runner {args.runner}", flush=True)
     # The local job service relays every worker's start-up warnings; failures still raise.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-    pipeline = beam.Pipeline(options=pipeline_options(args))
+    options = pipeline_options(args)
+    pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, todo, done_rows, model_path=os.path.abspath(model_file), preprocessing=preprocessing,
-                   out=out, stride=args.stride, batch_size=args.batch_size)
+                   out=out, stride=args.stride, batch_size=args.batch_size, threads=threads_per_worker(options))
     with Progress(out, len(paths), len(done_rows)):
         result = pipeline.run()
         result.wait_until_finish()

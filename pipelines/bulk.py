@@ -39,7 +39,7 @@ from apache_beam.metrics import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text
+from patchnet_tf.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import output_stems
@@ -306,9 +306,8 @@ def pipeline_options(args):
 
 def threads_per_worker(options):
     """TF threads per DirectRunner worker: the workers share this machine's cores, so each takes its share
-    rather than all of them (bench/bulk.py on 2 cores, two runs at different load, so indicative only:
-    2 workers of 2 threads 0.75x one `patchnet heatmap` process, 2 workers of 1 thread 1.09x).
-    Other runners: TF's default, one thread per core of the worker's machine."""
+    rather than all of them (n workers of n threads each would run n^2 threads on n cores; on 2 cores
+    bench/bulk.py measured the same CPU time per image either way). Other runners: TF's default."""
     if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
         return None
     return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
@@ -362,6 +361,8 @@ def run(args):
     paths = list_inputs(args.inputs)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)
+    for folder in (out, os.path.join(out, ROWS_FOLDER)):
+        remove_stale_temporaries(folder)  # what a killed run was writing; its image is still to do
     todo, done_rows = [], []
     for path, stem in zip(paths, output_stems(paths)):
         if is_done(out, stem):

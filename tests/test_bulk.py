@@ -124,9 +124,12 @@ def test_a_rerun_does_no_work_and_loads_no_model(capsys, archive, run_dir, first
     listing = tmp_path / "images.csv"  # the good images, as a CSV of paths relative to it
     listing.write_text("path,note\n" + "".join(f"{os.path.relpath(path, tmp_path)},x\n" for path in good))
 
+    (out / ".tmp-killed.png").write_bytes(b"half a PNG")  # what a kill -9 mid-write leaves
+
     code, stdout, err = patchnet(capsys, "bulk", str(listing), "--model", str(broken_run), "--out", str(out))
     assert code == 0, err
     assert "all 5 image(s) already have outputs" in stdout
+    assert not (out / ".tmp-killed.png").exists()
     for name, before in written.items():  # nothing rewritten
         after = os.stat(out / name)
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name

@@ -8,8 +8,9 @@ and Beam's worker start-up included) on the same folder of random 192 x 256
 PNGs, with the paper's ISIC subnet in its exact one-pass form (p = 21,
 7 x 64 3x3 convs, padding="valid", random weights: speed does not depend on
 them). Reported: images/s of each, their ratio in this run, the CPU time of
-each command and its children, that both wrote the same PNG bytes, and the
-time of a re-run of bulk with every output present (no model work).
+each command and its children, the FLOPs per image of each (bulk also
+classifies every image), that both wrote the same PNG bytes, and the time of
+a re-run of bulk with every output present (no model work).
 Writes bench/results/bulk[_quick].json.
 """
 
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import MetricRows, environment
+from bench.common import MetricRows, environment, one_pass_flops, subnet_patch_flops
 
 import cv2  # noqa: E402
 import keras  # noqa: E402
@@ -75,7 +76,9 @@ def main(argv=None):
         write_images(images, count)
         keras.utils.set_random_seed(0)
         os.makedirs(run)
-        build_patchnet(PATCH, padding="valid").save(os.path.join(run, "model.keras"))
+        model = build_patchnet(PATCH, padding="valid")
+        model.save(os.path.join(run, "model.keras"))
+        patches = keras.Model(model.input, model.get_layer("patches").output)(np.zeros((1, HEIGHT, WIDTH, 3))).shape[1]
         Preprocessing(image_size=(HEIGHT, WIDTH)).save(run)
         patchnet = [sys.executable, "-m", "patchnet_tf"]
         single_out, bulk_out = os.path.join(root, "heatmap"), os.path.join(root, "bulk")
@@ -96,6 +99,11 @@ def main(argv=None):
         row("bulk / heatmap throughput (same run)", single_wall / bulk_wall, "x")
         row("patchnet heatmap CPU time per image", single_cpu / count, "s")
         row("patchnet bulk CPU time per image (driver + workers)", bulk_cpu / count, "s")
+        row("bulk / heatmap CPU time per image", bulk_cpu / single_cpu, "x")
+        # bulk also classifies each image (the results.csv probability): the model on its patches.
+        map_flops = one_pass_flops(HEIGHT, WIDTH, PATCH)
+        row(f"bulk / heatmap FLOPs per image (map + {patches} patches to classify)",
+            (map_flops + patches * subnet_patch_flops(PATCH, padding="valid")) / map_flops, "x")
         row("PNGs byte-identical to patchnet heatmap's", float(len(pngs) - len(mismatch) - len(errors)), "files",
             f"{2 * count}", len(pngs) == 2 * count and not mismatch and not errors)
         row("bulk re-run, every output present (no model work)", rerun_wall, "s")

@@ -1,11 +1,12 @@
 """Bulk heatmaps: `patchnet bulk` on Beam's multi-process DirectRunner against one `patchnet heatmap` process.
 
-    python -m bench.bulk            # 500 images at 192 x 256 (about 5 minutes on 2 cores)
+    python -m bench.bulk            # 500 images at 192 x 256 (about 10 minutes on 2 cores)
     python -m bench.bulk --quick    # 60 images
 
 Both commands run as a user runs them (a fresh process each, model loading
-and Beam's worker start-up included) on the same folder of random 192 x 256
-PNGs, with the paper's ISIC subnet in its exact one-pass form (p = 21,
+and Beam's worker start-up included), twice, in the order heatmap, bulk,
+bulk, heatmap (a load that drifts hits both alike), on the same folder of
+random 192 x 256 PNGs, with the paper's ISIC subnet in its exact one-pass form (p = 21,
 7 x 64 3x3 convs, padding="valid", random weights: speed does not depend on
 them). Reported: images/s of each, their ratio in this run, the CPU time of
 each command and its children, the FLOPs per image of each (bulk also
@@ -19,6 +20,7 @@ import filecmp
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,25 +83,36 @@ def main(argv=None):
         patches = keras.Model(model.input, model.get_layer("patches").output)(np.zeros((1, HEIGHT, WIDTH, 3))).shape[1]
         Preprocessing(image_size=(HEIGHT, WIDTH)).save(run)
         patchnet = [sys.executable, "-m", "patchnet_tf"]
-        single_out, bulk_out = os.path.join(root, "heatmap"), os.path.join(root, "bulk")
 
-        single_wall, single_cpu, _ = timed_command(
-            patchnet + ["heatmap", images, "--model", run, "--out", single_out])
-        bulk_wall, bulk_cpu, bulk_log = timed_command(
-            patchnet + ["bulk", images, "--model", run, "--out", bulk_out, "--workers", str(args.workers)])
-        rerun_wall, _, rerun_log = timed_command(
-            patchnet + ["bulk", images, "--model", run, "--out", bulk_out, "--workers", str(args.workers)])
+        def heatmap_command(out):
+            return patchnet + ["heatmap", images, "--model", run, "--out", os.path.join(root, out)]
 
-        pngs = sorted(name for name in os.listdir(single_out) if name.endswith(".png"))
-        _, mismatch, errors = filecmp.cmpfiles(single_out, bulk_out, pngs, shallow=False)
-        results.update(single_wall_s=single_wall, bulk_wall_s=bulk_wall, rerun_wall_s=rerun_wall,
-                       bulk_log_tail=bulk_log.splitlines()[-3:], rerun_log_tail=rerun_log.splitlines()[-1:])
-        row("patchnet heatmap, one process", count / single_wall, "images/s")
-        row(f"patchnet bulk, DirectRunner {args.workers} processes", count / bulk_wall, "images/s")
-        row("bulk / heatmap throughput (same run)", single_wall / bulk_wall, "x")
-        row("patchnet heatmap CPU time per image", single_cpu / count, "s")
-        row("patchnet bulk CPU time per image (driver + workers)", bulk_cpu / count, "s")
-        row("bulk / heatmap CPU time per image", bulk_cpu / single_cpu, "x")
+        def bulk_command(out):
+            return patchnet + ["bulk", images, "--model", run, "--out", os.path.join(root, out),
+                               "--workers", str(args.workers)]
+
+        # heatmap, bulk, bulk, heatmap: a load that drifts during the run hits both commands alike.
+        single_a, bulk_a = timed_command(heatmap_command("heatmap-a")), timed_command(bulk_command("bulk-a"))
+        bulk_b, single_b = timed_command(bulk_command("bulk-b")), timed_command(heatmap_command("heatmap-b"))
+        rerun_wall, _, rerun_log = timed_command(bulk_command("bulk-a"))
+
+        pngs = sorted(name for name in os.listdir(os.path.join(root, "heatmap-a")) if name.endswith(".png"))
+        _, mismatch, errors = filecmp.cmpfiles(os.path.join(root, "heatmap-a"), os.path.join(root, "bulk-a"),
+                                               pngs, shallow=False)
+        walls = {"heatmap": [single_a[0], single_b[0]], "bulk": [bulk_a[0], bulk_b[0]]}
+        cpus = {"heatmap": [single_a[1], single_b[1]], "bulk": [bulk_a[1], bulk_b[1]]}
+        results.update(wall_s=walls, cpu_s=cpus, rerun_wall_s=rerun_wall,
+                       bulk_log_tail=bulk_a[2].splitlines()[-3:], rerun_log_tail=rerun_log.splitlines()[-1:])
+        for index in range(2):
+            row(f"patchnet heatmap, one process, run {index + 1}", count / walls["heatmap"][index], "images/s")
+            row(f"patchnet bulk, DirectRunner {args.workers} processes, run {index + 1}",
+                count / walls["bulk"][index], "images/s")
+        ratios = [single / bulk for single, bulk in zip(walls["heatmap"], walls["bulk"])]
+        row("bulk / heatmap throughput, pair 1 (heatmap then bulk)", ratios[0], "x")
+        row("bulk / heatmap throughput, pair 2 (bulk then heatmap)", ratios[1], "x")
+        row("patchnet heatmap CPU time per image", statistics.mean(cpus["heatmap"]) / count, "s")
+        row("patchnet bulk CPU time per image (driver + workers)", statistics.mean(cpus["bulk"]) / count, "s")
+        row("bulk / heatmap CPU time per image", sum(cpus["bulk"]) / sum(cpus["heatmap"]), "x")
         # bulk also classifies each image (the results.csv probability): the model on its patches.
         map_flops = one_pass_flops(HEIGHT, WIDTH, PATCH)
         row(f"bulk / heatmap FLOPs per image (map + {patches} patches to classify)",

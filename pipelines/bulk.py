@@ -59,6 +59,8 @@ FAILED = Metrics.counter(NAMESPACE, "images_failed")
 
 
 def add_arguments(parser):
+    parser.epilog = ("Any Beam pipeline option passes through as --name=value, e.g. --runner FlinkRunner "
+                     "--flink_master=host:8081 (docs/bulk.md).")
     parser.add_argument("inputs", nargs="+",
                         help="image files, folders of images, glob patterns ('data/**/*.jpg'), "
                              "or CSV files with a 'path' column (relative to the CSV's folder)")

@@ -4,7 +4,7 @@
     python3 dev.py demo        the main job on the bundled dataset
     python3 dev.py test        the test suite
     python3 dev.py patchnet …  any `patchnet` command
-    python3 dev.py bench NAME  a benchmark in bench/ (heatmap, train, pipeline, serving)
+    python3 dev.py bench NAME  a benchmark in bench/ (heatmap, train, pipeline, serving, bulk)
 
 Needs only Python 3.11. The environment is rebuilt when requirements.txt or
 pyproject.toml change.

@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": ("pipelines.compare", "PatchNet vs CAM vs Grad-CAM: the paper's tables and figure"),
     "sweep": ("pipelines.sweep", "one training run per setting, with a table and HParams logs"),
     "demo": ("pipelines.demo", "the whole job on the bundled dataset: train, heatmaps, serve"),
+    "bulk": ("pipelines.bulk", "heatmaps and a results table for a whole archive, on Apache Beam"),
 }
 
 
@@ -70,7 +71,9 @@ def main(argv=None):
     module = importlib.import_module(module_name)
     parser = Parser(prog=f"patchnet {name}", description=summary)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    # A command that passes flags on to another tool (bulk: Beam's pipeline options) parses them itself.
+    parse = getattr(module, "parse_arguments", None)
+    args = parse(parser, argv[1:]) if parse else parser.parse_args(argv[1:])
     try:
         return module.run(args) or 0
     except PatchNetError as error:

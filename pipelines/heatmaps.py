@@ -30,6 +30,10 @@ from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
 
+HEATMAP_SUFFIX = "-heatmap.png"
+OVERLAY_SUFFIX = "-overlay.png"
+CLASSES_SUFFIX = "-classes.png"  # K classes: the combined colour map
+
 
 def add_arguments(parser):
     parser.add_argument("images", nargs="+", help="image files or folders of images")
@@ -71,6 +75,31 @@ def filter_grid(maps):
     return grid
 
 
+def prepare_image(path, preprocessing):
+    """An image file -> the [0, 1] (H, W, C) image a person sees, at model size (normalize it for the model)."""
+    return preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
+
+
+def png_suffixes(class_names):
+    """The file name suffixes of the PNGs written about one image: the map and its overlay; for K
+    classes those of each class and `-classes.png`, one colour per class."""
+    if len(class_names) <= 2:
+        return [HEATMAP_SUFFIX, OVERLAY_SUFFIX]
+    per_class = [f"-{kind}-{name}.png" for name in class_names for kind in ("heatmap", "overlay")]
+    return per_class + [CLASSES_SUFFIX]
+
+
+def heatmap_pngs(image, heat, class_names):
+    """{file name suffix (`png_suffixes`): uint8 pixels} for one image and its (H, W) or (H, W, K) map."""
+    if heat.ndim == 2:
+        maps = [heatmap_to_gray(heat), heatmap_overlay(image, heat)]
+    else:
+        maps = [pixels for klass in range(heat.shape[-1])
+                for pixels in (heatmap_to_gray(heat[..., klass]), heatmap_overlay(image, heat[..., klass]))]
+        maps.append(cv2.cvtColor(class_colour_map(heat), cv2.COLOR_RGB2BGR))
+    return dict(zip(png_suffixes(class_names), maps, strict=True))
+
+
 def run(args):
     check_output_path(args.out, "--out")
     model, preprocessing = load_trained_model(args.model)
@@ -83,18 +112,12 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     progress = Progress(len(paths), "image", "heatmaps")
     for path, stem in zip(paths, output_stems(paths)):
-        image = preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
+        image = prepare_image(path, preprocessing)
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride)[0]
         prefix = os.path.join(args.out, stem)
-        if heat.ndim == 3:  # (H, W, K): one map per class
-            for klass, class_name in enumerate(preprocessing.class_names):
-                cv2.imwrite(f"{prefix}-heatmap-{class_name}.png", heatmap_to_gray(heat[..., klass]))
-                cv2.imwrite(f"{prefix}-overlay-{class_name}.png", heatmap_overlay(image, heat[..., klass]))
-            cv2.imwrite(f"{prefix}-classes.png", cv2.cvtColor(class_colour_map(heat), cv2.COLOR_RGB2BGR))
-        else:
-            cv2.imwrite(f"{prefix}-heatmap.png", heatmap_to_gray(heat))
-            cv2.imwrite(f"{prefix}-overlay.png", heatmap_overlay(image, heat))
+        for suffix, pixels in heatmap_pngs(image, heat, preprocessing.class_names).items():
+            cv2.imwrite(prefix + suffix, pixels)
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
             cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))

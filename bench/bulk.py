@@ -1,0 +1,130 @@
+"""Bulk heatmaps: `patchnet bulk` on Beam's multi-process DirectRunner against one `patchnet heatmap` process.
+
+    python -m bench.bulk            # 500 images at 192 x 256 (about 10 minutes on 2 cores)
+    python -m bench.bulk --quick    # 60 images
+
+Both commands run as a user runs them (a fresh process each, model loading
+and Beam's worker start-up included), twice, in the order heatmap, bulk,
+bulk, heatmap (a load that drifts hits both alike), on the same folder of
+random 192 x 256 PNGs, with the paper's ISIC subnet in its exact one-pass form (p = 21,
+7 x 64 3x3 convs, padding="valid", random weights: speed does not depend on
+them). Reported: images/s of each, their ratio in this run, the CPU time of
+each command and its children, the FLOPs per image of each (bulk also
+classifies every image), that both wrote the same PNG bytes, and the time of
+a re-run of bulk with every output present (no model work).
+Writes bench/results/bulk[_quick].json.
+"""
+
+import argparse
+import filecmp
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import MetricRows, environment, one_pass_flops, subnet_patch_flops
+
+import cv2  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from patchnet_tf import build_patchnet  # noqa: E402
+from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
+
+PATCH = 21
+HEIGHT, WIDTH = 192, 256
+
+
+def write_images(folder, count):
+    """`count` smooth random colour images (PNG) at 192 x 256."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    for index in range(count):
+        small = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
+        image = cv2.resize(small, (WIDTH, HEIGHT), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(os.path.join(folder, f"{index:05d}.png"), image)
+
+
+def timed_command(argv):
+    """(wall seconds, CPU seconds of the command and every process it waited for) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    completed = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if completed.returncode != 0:
+        sys.exit(f"bench.bulk: {' '.join(argv)} failed:\n{completed.stdout[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, completed.stdout
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60 images instead of 500")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DirectRunner worker processes")
+    args = parser.parse_args(argv)
+    count = 60 if args.quick else 500
+    results = {"environment": environment(), "quick": args.quick, "images": count, "image": [HEIGHT, WIDTH],
+               "workers": args.workers,
+               "model": "PatchNet p = 21, 7 x 64 3x3 convs, padding valid (one-pass map), random weights"}
+    row = MetricRows()
+    root = tempfile.mkdtemp(prefix="bench-bulk-")
+    try:
+        images, run = os.path.join(root, "images"), os.path.join(root, "run")
+        write_images(images, count)
+        keras.utils.set_random_seed(0)
+        os.makedirs(run)
+        model = build_patchnet(PATCH, padding="valid")
+        model.save(os.path.join(run, "model.keras"))
+        patches = keras.Model(model.input, model.get_layer("patches").output)(np.zeros((1, HEIGHT, WIDTH, 3))).shape[1]
+        Preprocessing(image_size=(HEIGHT, WIDTH)).save(run)
+        patchnet = [sys.executable, "-m", "patchnet_tf"]
+
+        def heatmap_command(out):
+            return patchnet + ["heatmap", images, "--model", run, "--out", os.path.join(root, out)]
+
+        def bulk_command(out):
+            return patchnet + ["bulk", images, "--model", run, "--out", os.path.join(root, out),
+                               "--workers", str(args.workers)]
+
+        # heatmap, bulk, bulk, heatmap: a load that drifts during the run hits both commands alike.
+        single_a, bulk_a = timed_command(heatmap_command("heatmap-a")), timed_command(bulk_command("bulk-a"))
+        bulk_b, single_b = timed_command(bulk_command("bulk-b")), timed_command(heatmap_command("heatmap-b"))
+        rerun_wall, _, rerun_log = timed_command(bulk_command("bulk-a"))
+
+        pngs = sorted(name for name in os.listdir(os.path.join(root, "heatmap-a")) if name.endswith(".png"))
+        _, mismatch, errors = filecmp.cmpfiles(os.path.join(root, "heatmap-a"), os.path.join(root, "bulk-a"),
+                                               pngs, shallow=False)
+        walls = {"heatmap": [single_a[0], single_b[0]], "bulk": [bulk_a[0], bulk_b[0]]}
+        cpus = {"heatmap": [single_a[1], single_b[1]], "bulk": [bulk_a[1], bulk_b[1]]}
+        results.update(wall_s=walls, cpu_s=cpus, rerun_wall_s=rerun_wall,
+                       bulk_log_tail=bulk_a[2].splitlines()[-3:], rerun_log_tail=rerun_log.splitlines()[-1:])
+        for index in range(2):
+            row(f"patchnet heatmap, one process, run {index + 1}", count / walls["heatmap"][index], "images/s")
+            row(f"patchnet bulk, DirectRunner {args.workers} processes, run {index + 1}",
+                count / walls["bulk"][index], "images/s")
+        ratios = [single / bulk for single, bulk in zip(walls["heatmap"], walls["bulk"])]
+        row("bulk / heatmap throughput, pair 1 (heatmap then bulk)", ratios[0], "x")
+        row("bulk / heatmap throughput, pair 2 (bulk then heatmap)", ratios[1], "x")
+        row("patchnet heatmap CPU time per image", statistics.mean(cpus["heatmap"]) / count, "s")
+        row("patchnet bulk CPU time per image (driver + workers)", statistics.mean(cpus["bulk"]) / count, "s")
+        row("bulk / heatmap CPU time per image", sum(cpus["bulk"]) / sum(cpus["heatmap"]), "x")
+        # bulk also classifies each image (the results.csv probability): the model on its patches.
+        map_flops = one_pass_flops(HEIGHT, WIDTH, PATCH)
+        row(f"bulk / heatmap FLOPs per image (map + {patches} patches to classify)",
+            (map_flops + patches * subnet_patch_flops(PATCH, padding="valid")) / map_flops, "x")
+        row("PNGs byte-identical to patchnet heatmap's", float(len(pngs) - len(mismatch) - len(errors)), "files",
+            f"{2 * count}", len(pngs) == 2 * count and not mismatch and not errors)
+        row("bulk re-run, every output present (no model work)", rerun_wall, "s")
+        row.report(f"Bulk heatmaps: {count} images at {HEIGHT} x {WIDTH}, p = {PATCH} valid",
+                   "bulk_quick" if args.quick else "bulk", results)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""`patchnet bulk` on Apache Beam (multi-process DirectRunner): the same PNGs as `patchnet heatmap`,
+a complete results file, a dead-letter list, and a re-run that does nothing."""
+
+import contextlib
+import csv
+import io
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from patchnet_tf import build_patchnet, cli, heatmap
+from patchnet_tf.heatmaps import heatmap_to_gray, output_stems
+from patchnet_tf.preprocessing import Preprocessing
+from patchnet_tf.runs import load_trained_model
+from pipelines import bulk
+from pipelines.data import read_image
+
+CLASS_NAMES = ("benign", "malignant")
+
+
+def patchnet(capsys, *argv):
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Five random images (two share the name x.png) and one file that is not an image."""
+    root = tmp_path_factory.mktemp("archive")
+    rng = np.random.default_rng(7)
+    names = ["a/x.png", "a/y.jpg", "b/x.png", "b/z.png", "b/w.bmp"]
+    for name in names:
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        cv2.imwrite(str(root / name), rng.integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG but cut off")
+    return root, [str(root / name) for name in names], str(root / "b" / "broken.png")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A valid-padding PatchNet with input normalization, as `patchnet train` leaves it."""
+    folder = tmp_path_factory.mktemp("run")
+    build_patchnet(9, filters=4, conv_layers=2, padding="valid").save(str(folder / "model.keras"))
+    Preprocessing(image_size=(32, 32), class_names=CLASS_NAMES, mean=(0.5, 0.4, 0.45),
+                  std=(0.3, 0.25, 0.2)).save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(archive, run_dir, tmp_path_factory):
+    """One bulk run over the archive folder: exit code, what it printed, its --out."""
+    root, _, _ = archive
+    out = tmp_path_factory.mktemp("bulk")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):  # capsys is per test; this runs once per module
+        code = cli.main(["bulk", str(root), "--model", str(run_dir), "--out", str(out),
+                         "--runner", "DirectRunner", "--workers", "2", "--batch-size", "2"])
+    return code, stdout.getvalue(), out
+
+
+def test_bulk_writes_what_heatmap_writes_and_a_complete_results_file(capsys, archive, run_dir, first_run,
+                                                                     tmp_path):
+    _, good, bad = archive
+    code, stdout, out = first_run
+    assert code == 0
+    assert "5 done, 0 skipped, 1 failed" in stdout  # Beam's counters
+
+    rows = read_csv(out / bulk.RESULTS_FILE)
+    assert [row["path"] for row in rows] == sorted(good)
+
+    # The model on each image, as the library computes it.
+    model, preprocessing = load_trained_model(str(run_dir))
+    inputs = np.stack([preprocessing(read_image(path)).numpy() for path in sorted(good)])
+    probabilities = model.predict(inputs, verbose=0)[:, 0]
+    maps = heatmap(model, inputs)
+    for row, probability, heat in zip(rows, probabilities, maps):
+        assert abs(float(row["probability"]) - probability) < 1e-5
+        assert int(row["label"]) == int(probability >= 0.5)
+        assert row["class_name"] == CLASS_NAMES[int(row["label"])]
+
+    # `patchnet heatmap` on the good images: the same file names and the same pixels.
+    code, _, _ = patchnet(capsys, "heatmap", *good, "--model", str(run_dir), "--out", str(tmp_path / "single"))
+    assert code == 0
+    expected = sorted(os.listdir(tmp_path / "single"))
+    assert len(expected) == 10 and "a-x-heatmap.png" in expected and "b-x-overlay.png" in expected
+    assert expected == sorted(name for name in os.listdir(out) if name.endswith(".png"))
+    for name in expected:
+        ours = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(ours, cv2.imread(str(tmp_path / "single" / name), cv2.IMREAD_UNCHANGED))
+    # ... and those pixels are the library's float map, rounded once.
+    stems = dict(zip(good, output_stems(good)))
+    for path, heat in zip(sorted(good), maps):
+        gray = cv2.imread(str(out / f"{stems[path]}-heatmap.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(gray, heatmap_to_gray(heat))
+
+    # The broken file: in the dead-letter list with its reason, and nothing written for it.
+    (failure,) = read_csv(out / bulk.DEAD_LETTER_FILE)
+    assert failure["path"] == bad and "not a decodable image" in failure["reason"]
+    assert not [name for name in os.listdir(out) if name.startswith("broken")]
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+def test_a_rerun_does_no_work_and_loads_no_model(capsys, archive, run_dir, first_run, tmp_path):
+    root, good, _ = archive
+    _, _, out = first_run
+    written = {name: os.stat(out / name) for name in os.listdir(out) if name.endswith(".png")}
+    results = (out / bulk.RESULTS_FILE).read_text()
+    # A model that cannot be loaded: the re-run must not need it.
+    broken_run = tmp_path / "run"
+    broken_run.mkdir()
+    (broken_run / "model.keras").write_bytes(b"not a model")
+    (broken_run / "preprocessing.json").write_text((run_dir / "preprocessing.json").read_text())
+    listing = tmp_path / "images.csv"  # the good images, as a CSV of paths relative to it
+    listing.write_text("path,note\n" + "".join(f"{os.path.relpath(path, tmp_path)},x\n" for path in good))
+
+    (out / ".tmp-killed.png").write_bytes(b"half a PNG")  # what a kill -9 mid-write leaves
+
+    code, stdout, err = patchnet(capsys, "bulk", str(listing), "--model", str(broken_run), "--out", str(out))
+    assert code == 0, err
+    assert "all 5 image(s) already have outputs" in stdout
+    assert not (out / ".tmp-killed.png").exists()
+    for name, before in written.items():  # nothing rewritten
+        after = os.stat(out / name)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert (out / bulk.RESULTS_FILE).read_text() == results
+    assert read_csv(out / bulk.DEAD_LETTER_FILE) == []
+
+    # A half-finished archive: only the image whose outputs are gone (and the bad one) is to do.
+    os.replace(out / "z-overlay.png", tmp_path / "z-overlay.png")
+    try:
+        inputs = bulk.list_inputs([str(root)])
+        todo = [path for path, stem in zip(inputs, output_stems(inputs))
+                if not bulk.is_done(str(out), stem, CLASS_NAMES)]
+    finally:
+        os.replace(tmp_path / "z-overlay.png", out / "z-overlay.png")
+    assert sorted(todo) == sorted([str(root / "b" / "z.png"), str(root / "b" / "broken.png")])
+
+
+def test_inputs_folders_globs_and_csvs(archive, tmp_path):
+    root, good, bad = archive
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path\n{good[1]}\n{os.path.relpath(good[0], tmp_path)}\n")
+    paths = bulk.list_inputs([str(listing), str(root / "a" / "*.png"), str(root / "b")])
+    # In the order given, each once; folders are walked, globs matched.
+    assert paths == [good[1], good[0], bad, *sorted([good[2], good[3], good[4]])]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{image}", "--model", "{run}", "--flink_mastr=localhost:8081"],
+     "unrecognized arguments: --flink_mastr=localhost:8081"),
+    (["{image}", "--model", "{run}", "--stride", "0"], "argument --stride: expected a positive integer"),
+    (["{image}", "--model", "{tmp}/missing"], "missing: no such model file"),
+    (["{tmp}/none-*.png", "--model", "{run}"], "none-*.png: no files match this pattern"),
+    (["{tmp}/list.csv", "--model", "{run}"], "list.csv: expected a CSV with a 'path' column"),
+])
+def test_bad_flags_and_inputs_are_one_line(capsys, archive, run_dir, tmp_path, argv, message):
+    (tmp_path / "list.csv").write_text("file\nx.png\n")
+    argv = [arg.format(image=archive[1][0], run=run_dir, tmp=tmp_path) for arg in argv]
+    code, _, err = patchnet(capsys, "bulk", *argv, "--out", str(tmp_path / "out"))
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("patchnet bulk: error: ") and message in line

@@ -171,3 +171,29 @@ def test_bad_flags_and_inputs_are_one_line(capsys, archive, run_dir, tmp_path, a
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("patchnet bulk: error: ") and message in line
+
+
+def test_bulk_on_a_k_class_model_writes_a_map_per_class_and_the_most_probable_class(capsys, archive, tmp_path):
+    _, good, _ = archive
+    names = ("plain", "brick", "grass")
+    run = tmp_path / "run3"
+    run.mkdir()
+    build_patchnet(9, filters=4, conv_layers=2, padding="valid", classes=3).save(str(run / "model.keras"))
+    Preprocessing(image_size=(32, 32), class_names=names).save(str(run))
+    code, _, _ = patchnet(capsys, "bulk", *good[:2], "--model", str(run), "--out", str(tmp_path / "bulk"),
+                          "--runner", "DirectRunner", "--workers", "1")
+    assert code == 0
+    code, _, _ = patchnet(capsys, "heatmap", *good[:2], "--model", str(run), "--out", str(tmp_path / "single"))
+    assert code == 0
+    expected = sorted(os.listdir(tmp_path / "single"))
+    assert len(expected) == 2 * 7 and "x-heatmap-grass.png" in expected and "x-classes.png" in expected
+    assert expected == sorted(name for name in os.listdir(tmp_path / "bulk") if name.endswith(".png"))
+    for name in expected:
+        np.testing.assert_array_equal(cv2.imread(str(tmp_path / "bulk" / name), cv2.IMREAD_UNCHANGED),
+                                      cv2.imread(str(tmp_path / "single" / name), cv2.IMREAD_UNCHANGED))
+    model, preprocessing = load_trained_model(str(run))
+    inputs = np.stack([preprocessing(read_image(path)).numpy() for path in sorted(good[:2])])
+    probabilities = model.predict(inputs, verbose=0)
+    for row, expected_row in zip(read_csv(tmp_path / "bulk" / bulk.RESULTS_FILE), probabilities):
+        assert row["class_name"] == names[int(np.argmax(expected_row))]
+        assert abs(float(row["probability"]) - expected_row.max()) < 1e-5

@@ -271,8 +271,9 @@ def test_training_resumes_after_kill_9(dataset, tmp_path):
 
 def test_an_interrupted_run_says_how_to_resume(dataset, tmp_path):
     run = str(tmp_path / "run")
-    command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "50",
-               "--patience", "100", *TINY]
+    # Far more epochs than the interrupt waits for: the run must still be training when it comes.
+    command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "1000",
+               "--patience", "1000", *TINY]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -280,7 +281,7 @@ def test_an_interrupted_run_says_how_to_resume(dataset, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130
+    assert process.returncode == 130, (_backup_epoch(run), err[-2000:])
     assert err.strip().splitlines()[-1] == "patchnet train: interrupted; run the same command to resume"
 
 

@@ -151,3 +151,32 @@ def test_push_blesses_k_class_exports_on_macro_auroc(exported, tmp_path):
     assert evaluation.accuracy == pytest.approx(np.mean(probabilities.argmax(1) == labels))
     reason = blessing(evaluation, None, min_auroc=1.0)
     assert reason and "AUROC" in reason
+
+
+def test_push_of_a_k_class_run_end_to_end(tmp_path):
+    """export, evaluate (macro AUROC), bless, warm up, infra-validate, copy: a served K-class version."""
+    from pipelines.push import push
+
+    names = ("black", "grey", "white")
+    data = tmp_path / "data"
+    for value, name in zip((0, 128, 255), names):
+        (data / name).mkdir(parents=True)
+        for index in range(4):
+            cv2.imwrite(str(data / name / f"{index}.png"), np.full((24, 28, 3), value, np.uint8))
+    run = tmp_path / "run"
+    run.mkdir()
+    keras.utils.set_random_seed(0)
+    build_patchnet(9, filters=4, conv_layers=2, padding="valid", classes=3).save(str(run / "model.keras"))
+    Preprocessing(image_size=(24, 28), class_names=names).save(str(run))
+    logs = []
+    version = push(str(run), str(tmp_path / "models" / MODEL), data_dir=str(data), model_name=MODEL,
+                   min_auroc=0.0, log=logs.append)
+    assert version == 1 and any("macro" in line.lower() or "auroc" in line.lower() for line in logs)
+    loaded = LoadedModel(str(tmp_path / "models" / MODEL / "1"))
+    try:
+        image = cv2.imencode(".png", np.full((24, 28, 3), 255, np.uint8))[1].tobytes()
+        outputs = loaded.run("classify", {"image_bytes": np.array([image], object)}, [])
+        assert outputs["probabilities"].shape == (1, 3)
+        assert outputs["class_name"][0].decode() == names[int(outputs["label"][0])]
+    finally:
+        loaded.close()

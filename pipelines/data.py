@@ -468,18 +468,17 @@ def image_dataset(
     batches = -(-len(split) // batch_size)
     draws = batches * batch_size if balance else len(split)
 
-    def one_epoch(epoch):
-        order = tf.numpy_function(
-            lambda epoch: epoch_order(split.labels, seed, int(epoch), shuffle=shuffle, balance=balance, draws=draws),
-            [epoch], tf.int64, stateful=False,
-        )
-        order.set_shape([draws])
+    def one_epoch(order):
         return (tf.data.Dataset.from_tensor_slices(order)
                 .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                 .batch(batch_size))
 
     first, last = epochs
-    dataset = tf.data.Dataset.range(first, last).flat_map(one_epoch)
+    # Every epoch's order computed here, not by Python inside the pipeline: a py_func that runs on
+    # the main thread swallows the KeyboardInterrupt of a Ctrl-C into a dataset error.
+    orders = np.stack([epoch_order(split.labels, seed, epoch, shuffle=shuffle, balance=balance, draws=draws)
+                       for epoch in range(first, last)]).astype(np.int32)
+    dataset = tf.data.Dataset.from_tensor_slices(orders).flat_map(one_epoch)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches * (last - first)))
     options = tf.data.Options()
     # Sharding by data, not files: the sources are in-memory tensors or a path list.

@@ -274,8 +274,11 @@ def test_an_interrupted_run_says_how_to_resume(dataset, tmp_path):
     # Far more epochs than the interrupt waits for: the run must still be training when it comes.
     command = [sys.executable, "-m", "patchnet_tf", "train", dataset, "--out", run, "--epochs", "1000",
                "--patience", "1000", *TINY]
+    # As a terminal's Ctrl-C: a shell that starts the suite in the background (`cmd &`) ignores SIGINT,
+    # and the run would inherit that.
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while _backup_epoch(run) < 1 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

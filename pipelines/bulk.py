@@ -320,7 +320,7 @@ def threads_per_worker(options):
     return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
 
 
-class Progress:
+class RowFileProgress:
     """A line every few seconds from the row files appearing (any runner, on the shared --out)."""
 
     def __init__(self, out, total, skipped):
@@ -389,7 +389,7 @@ def run(args):
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, todo, done_rows, model_path=os.path.abspath(model_file), preprocessing=preprocessing,
                    out=out, stride=args.stride, batch_size=args.batch_size, threads=threads_per_worker(options))
-    with Progress(out, len(paths), len(done_rows)):
+    with RowFileProgress(out, len(paths), len(done_rows)):
         result = pipeline.run()
         result.wait_until_finish()
     counts = counters(result)

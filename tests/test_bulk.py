@@ -16,17 +16,9 @@ from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import load_trained_model
 from pipelines import bulk
 from pipelines.data import read_image
+from test_cli import patchnet
 
 CLASS_NAMES = ("benign", "malignant")
-
-
-def patchnet(capsys, *argv):
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def read_csv(path):

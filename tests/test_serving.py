@@ -1,6 +1,7 @@
 """The local TF-Serving-compatible server over real gRPC (SPEC section 6)."""
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -397,11 +398,40 @@ def _status(server, version=None):
     return {s.version: s for s in response.model_version_status}
 
 
-def _wait_until(condition, timeout=30.0):
+def wait_until(condition, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def predicting_in_a_loop(address, data, clients=4):
+    """`clients` threads sending classify for `data` until the block ends; yields (answered, failed):
+    (served version, probabilities) per answer and (code, details) per failed request."""
+    stop, answered, failed = threading.Event(), [], []
+
+    def client_loop():
+        channel = grpc.insecure_channel(address)
+        stub = client.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        while not stop.is_set():
+            try:
+                response = stub.Predict(request(inputs={"image_bytes": tf.make_tensor_proto(data, tf.string)}),
+                                        timeout=30)
+                answered.append((response.model_spec.version.value, outputs(response)["probability"]))
+            except grpc.RpcError as error:
+                failed.append((error.code(), error.details()))
+        channel.close()
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield answered, failed
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def test_a_corrupt_version_under_load_never_takes_the_serving_one_down(exports, tmp_path):
@@ -412,37 +442,16 @@ def test_a_corrupt_version_under_load_never_takes_the_serving_one_down(exports, 
     server = start_server(str(base), MODEL, port=0, poll_seconds=0.05, max_load_retries=2, load_retry_interval=0.1)
     data = images(2)
     want = expected(models[0], data)[0]
-    stop, answered, failed = threading.Event(), [], []
-
-    def client_loop():
-        channel = grpc.insecure_channel(server.address)
-        stub = client.prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        while not stop.is_set():
-            try:
-                response = stub.Predict(request(inputs={"image_bytes": tf.make_tensor_proto(data, tf.string)}),
-                                        timeout=30)
-                answered.append((response.model_spec.version.value, outputs(response)["probability"]))
-            except grpc.RpcError as error:
-                failed.append(error.code())
-        channel.close()
-
-    threads = [threading.Thread(target=client_loop) for _ in range(4)]
-    try:
-        server.wait_for_version(1)
-        for thread in threads:
-            thread.start()
-        _wait_until(lambda: len(answered) > 20)
+    server.wait_for_version(1)
+    with predicting_in_a_loop(server.address, data) as (answered, failed):
+        wait_until(lambda: len(answered) > 20)
         broken = tmp_path / "staging"
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
         os.rename(broken, base / "2")
-        _wait_until(lambda: 2 in _status(server) and _status(server)[2].state == _status(server)[2].END)
+        wait_until(lambda: 2 in _status(server) and _status(server)[2].state == _status(server)[2].END)
         seen = len(answered)
-        _wait_until(lambda: len(answered) > seen + 20)  # still serving after the failure was final
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+        wait_until(lambda: len(answered) > seen + 20)  # still serving after the failure was final
     statuses = _status(server)
     server.stop()
     assert failed == []
@@ -463,11 +472,11 @@ def test_a_half_copied_version_is_loaded_by_a_retry_once_complete(exports, tmp_p
         server.wait_for_version(1)
         (base / "2").mkdir()
         shutil.copy(os.path.join(dirs[1], "saved_model.pb"), base / "2" / "saved_model.pb")
-        _wait_until(lambda: 2 in _status(server))
+        wait_until(lambda: 2 in _status(server))
         assert _status(server)[2].state == get_model_status_pb2.ModelVersionStatus.LOADING  # retrying
         assert server.versions() == [1]
         shutil.copytree(dirs[1], base / "2", dirs_exist_ok=True)
-        _wait_until(lambda: server.versions() == [2])  # loaded by a retry, then version 1 unloaded
+        wait_until(lambda: server.versions() == [2])  # loaded by a retry, then version 1 unloaded
         assert_serves(server, models[1], images(2))
     finally:
         server.stop()

@@ -9,25 +9,16 @@ import sys
 import threading
 import time
 
-import grpc
 import numpy as np
-import tensorflow as tf
 
 from patchnet_tf.errors import PatchNetError
 from pipelines.push import copy_version
 from serving import client
 from serving.loader import LoadedModel
 from serving.server import start_server
-from test_serving import MODEL, TOLERANCE, expected, images, outputs, request
+from test_serving import MODEL, TOLERANCE, expected, images, predicting_in_a_loop, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_until(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_version_deleted_under_load_is_unloaded_without_failing_a_request(exports, tmp_path, monkeypatch):
@@ -45,37 +36,18 @@ def test_a_version_deleted_under_load_is_unloaded_without_failing_a_request(expo
     monkeypatch.setattr(LoadedModel, "run", slow_run)
     server = start_server(str(base), MODEL, port=0, poll_seconds=0.05, num_versions=2)
     data = images(2)
-    stop, answered, failed = threading.Event(), [], []
-
-    def client_loop():
-        channel = grpc.insecure_channel(server.address)
-        stub = client.prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        while not stop.is_set():
-            try:
-                response = stub.Predict(request(inputs={"image_bytes": tf.make_tensor_proto(data, tf.string)}),
-                                        timeout=30)
-                answered.append((response.model_spec.version.value, outputs(response)["probability"]))
-            except grpc.RpcError as error:
-                failed.append((error.code(), error.details()))
-        channel.close()
-
-    threads = [threading.Thread(target=client_loop) for _ in range(4)]
     try:
         assert server.versions() == [1, 2]
         version_2 = server.core.manager(MODEL).acquire(2)[1]
         version_2.release()
-        for thread in threads:
-            thread.start()
-        wait_until(lambda: len(answered) > 20)
-        shutil.rmtree(base / "2")
-        wait_until(lambda: server.versions() == [1])
-        seen = len(answered)
-        wait_until(lambda: len(answered) > seen + 20)
-        statuses = server.core.statuses(MODEL)
+        with predicting_in_a_loop(server.address, data) as (answered, failed):
+            wait_until(lambda: len(answered) > 20)
+            shutil.rmtree(base / "2")
+            wait_until(lambda: server.versions() == [1])
+            seen = len(answered)
+            wait_until(lambda: len(answered) > seen + 20)
+            statuses = server.core.statuses(MODEL)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
         server.stop()
     assert failed == []
     assert {version for version, _ in answered} == {1, 2}

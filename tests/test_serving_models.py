@@ -1,7 +1,6 @@
 """The local server's ServerCore: version policies, version labels, several models from a
 ModelServerConfig file reloaded on change, HandleReloadConfigRequest, the message size cap."""
 
-import time
 
 import grpc
 import numpy as np
@@ -21,7 +20,7 @@ from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.cli import main as cli_main
 from pipelines.push import copy_version
 from serving.server import start_server
-from test_serving import TOLERANCE, expected, images, outputs, request
+from test_serving import TOLERANCE, expected, images, outputs, request, wait_until
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -64,13 +63,6 @@ def rpc_error(call):
     with pytest.raises(grpc.RpcError) as error:
         call()
     return error.value.code(), error.value.details()
-
-
-def wait_until(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_version_policies_all_and_specific_reloaded_from_the_config_file(exports, tmp_path):

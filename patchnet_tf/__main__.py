@@ -1,5 +1,5 @@
 import sys
 
-from patchnet_tf.cli import main
+from patchnet_launcher import main
 
 sys.exit(main())

@@ -73,6 +73,19 @@ def test_start_up_prints_no_native_tensorflow_lines():
     assert result.stderr == ""
 
 
+def test_top_level_help_does_not_load_tensorflow():
+    """`patchnet --help` (the installed console script) answers without importing TensorFlow,
+    which takes seconds; PYTHONPROFILEIMPORTTIME lists every module the process imported."""
+    script = os.path.join(os.path.dirname(sys.executable), "patchnet")
+    for argv in (["--help"], ["fly"]):
+        result = subprocess.run([script, *argv], env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+                                capture_output=True, text=True, timeout=120)
+        imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+        assert "argparse" in imported  # the listing works
+        assert not [name for name in imported if name.startswith(("tensorflow", "keras", "patchnet_tf"))], argv
+    assert result.returncode == 2 and "invalid choice: 'fly'" in result.stderr
+
+
 def test_start_up_noise_filter_keeps_real_errors():
     from patchnet_tf.quiet_start import START_UP_NOISE
 

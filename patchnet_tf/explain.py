@@ -5,14 +5,18 @@ from patchnet_tf.baselines import heatmap as baseline_heatmap
 from patchnet_tf.heatmaps import heatmap as patchnet_heatmap
 
 
-def explain(model, images, *, stride=1):
+def explain(model, images, *, stride=1, on_rows=None):
     """(B, H, W) float32 in [0, 1], white = class 1; (B, H, W, K), one map per
     class, for a K-class model.
 
     PatchNet models: `patchnet_tf.heatmap` (the subnet on the patch centred
     at every `stride`-th pixel). CAM and VGG-11 models: their CAM / Grad-CAM
     map (`patchnet_tf.baselines.heatmap`); `stride` does not apply to them.
+    `on_rows(n)` is called as n more rows of the maps are done (progress).
     """
     if arch_of(model) == "patchnet":
-        return patchnet_heatmap(model, images, stride=stride)
-    return baseline_heatmap(model, images)
+        return patchnet_heatmap(model, images, stride=stride, on_rows=on_rows)
+    maps = baseline_heatmap(model, images)  # one forward and backward pass: no bands to report
+    if on_rows is not None:
+        on_rows(maps.shape[0] * maps.shape[1])
+    return maps

@@ -23,6 +23,7 @@ memory is bounded by the band size, not by the image size:
 """
 
 import collections
+import itertools
 import os
 
 import cv2
@@ -74,12 +75,14 @@ def _centred_padding(image, patch_size, stride):
     return padded, rows, cols
 
 
-def _banded_map(band_fn, image, patch_size, stride, band_rows_for):
+def _banded_map(band_fn, image, patch_size, stride, band_rows_for, report_rows=None):
     """Run `band_fn(window, count, cols) -> (count, cols, K)` over bands of grid rows.
 
     Each band's window is the padded rows its patches need (a p - s row halo
     shared with the next band); the bands are concatenated, each grid value
     fills its s x s block, and the map is cropped to (H, W, K).
+    `report_rows(rows)`, if given, makes the op that reports each band's rows
+    of the map once they are computed (progress on a large image).
     """
     image = tf.convert_to_tensor(image, tf.float32)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
@@ -92,6 +95,11 @@ def _banded_map(band_fn, image, patch_size, stride, band_rows_for):
         count = tf.minimum(band_rows, rows - first)
         window = padded[first * stride : first * stride + (count - 1) * stride + patch_size]
         values = tf.cast(band_fn(window, count, cols), tf.float32)
+        if report_rows is not None:
+            with tf.control_dependencies([values]):
+                reported = report_rows(tf.minimum(count * stride, height - first * stride))
+            with tf.control_dependencies([reported]):
+                values = tf.identity(values)
         return index + 1, maps.write(index, tf.reshape(values, [count, cols, -1]))
 
     maps = tf.TensorArray(tf.float32, size=num_bands, infer_shape=False)
@@ -104,7 +112,9 @@ def _banded_map(band_fn, image, patch_size, stride, band_rows_for):
     return grid[:height, :width]
 
 
-def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+def dense_patch_map(
+    patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, report_rows=None
+):
     """(H, W, C) image -> (H, W, K): `patch_fn` on the zero-padded patch centred at each pixel.
 
     With stride s only the patches centred at (s*i + s//2, s*j + s//2) are
@@ -126,12 +136,12 @@ def dense_patch_map(patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT
         return patch_fn(tf.reshape(patches, [-1, patch_size, patch_size, channels]))
 
     return _banded_map(
-        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, chunk_patches // cols)
+        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, chunk_patches // cols), report_rows
     )
 
 
 def dense_valid_map(
-    subnet, image, stride=1, *, until="patch_probability", band_pixels=DEFAULT_BAND_PIXELS
+    subnet, image, stride=1, *, until="patch_probability", band_pixels=DEFAULT_BAND_PIXELS, report_rows=None
 ):
     """(H, W, C) image -> (H, W, K) in one fully convolutional pass of a padding="valid" subnet.
 
@@ -148,7 +158,7 @@ def dense_valid_map(
         return apply_fully_convolutional(layers, window[None], stride)[0]
 
     return _banded_map(
-        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, band_pixels // cols)
+        band_fn, image, patch_size, stride, lambda cols: tf.maximum(1, band_pixels // cols), report_rows
     )
 
 
@@ -159,6 +169,7 @@ def dense_heatmap_fn(
     feature_layer=None,
     chunk_patches=DEFAULT_CHUNK_PATCHES,
     band_pixels=DEFAULT_BAND_PIXELS,
+    report_rows=None,
 ):
     """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap of a binary model,
     (H, W, K) heatmaps of a K-class model (one per class), or (H, W, F) features.
@@ -168,6 +179,7 @@ def dense_heatmap_fn(
     (`dense_valid_map`), padding="same" models the per-patch path
     (`dense_patch_map`); both are exact. `feature_layer=None` gives the class-1
     heatmap; `"filter_features"` gives the (H, W, filters) filter heatmaps.
+    `report_rows` is `_banded_map`'s progress hook.
     """
     patch_size, padding = patch_geometry(model)
     check_centred_patch_size(patch_size)
@@ -184,7 +196,7 @@ def dense_heatmap_fn(
         def dense_map(image):
             return dense_valid_map(
                 subnet, image, stride, until=feature_layer or "patch_probability",
-                band_pixels=band_pixels,
+                band_pixels=band_pixels, report_rows=report_rows,
             )
 
     else:
@@ -197,7 +209,7 @@ def dense_heatmap_fn(
             return tf.reshape(patch_model(patches, training=False), [tf.shape(patches)[0], -1])
 
         def dense_map(image):
-            return dense_patch_map(patch_fn, image, patch_size, stride, chunk_patches)
+            return dense_patch_map(patch_fn, image, patch_size, stride, chunk_patches, report_rows)
 
     if feature_layer is None and subnet.output_shape[-1] == 1:
         return lambda image: dense_map(image)[..., 0]
@@ -222,15 +234,34 @@ _TRACED = collections.OrderedDict()
 _TRACED_MAX = 8
 
 
-def _traced_map_fn(model, channels, **options):
+# Progress listeners of running heatmap(on_rows=...) calls, by id: the traced
+# function takes the id as an input, so one trace serves every call.
+_ROW_LISTENERS = {}
+_listener_ids = itertools.count()
+
+
+def _call_row_listener(listener, rows):
+    _ROW_LISTENERS[int(listener)](int(rows))
+    return np.int32(0)
+
+
+def _traced_map_fn(model, channels, with_progress, **options):
+    """A tf.function (image) -> map, or (image, listener id) -> map that calls the listener per band."""
     subnet = model.get_layer("subnet")
-    key = (id(subnet), channels, tuple(sorted(options.items())))
+    key = (id(subnet), channels, with_progress, tuple(sorted(options.items())))
     entry = _TRACED.get(key)
     if entry is None or entry[0] is not subnet:
-        function = tf.function(
-            dense_heatmap_fn(model, **options),
-            input_signature=[tf.TensorSpec([None, None, channels], tf.float32)],
-        )
+        image_spec = tf.TensorSpec([None, None, channels], tf.float32)
+        if with_progress:
+            def map_fn(image, listener):
+                def report_rows(rows):
+                    return tf.py_function(_call_row_listener, [listener, rows], tf.int32)
+
+                return dense_heatmap_fn(model, report_rows=report_rows, **options)(image)
+
+            function = tf.function(map_fn, input_signature=[image_spec, tf.TensorSpec([], tf.int64)])
+        else:
+            function = tf.function(dense_heatmap_fn(model, **options), input_signature=[image_spec])
         entry = _TRACED[key] = (subnet, function)
         while len(_TRACED) > _TRACED_MAX:
             _TRACED.popitem(last=False)
@@ -238,22 +269,31 @@ def _traced_map_fn(model, channels, **options):
     return entry[1]
 
 
-def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels):
+def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels, on_rows):
     # dense_heatmap_fn checks the patch size and stride when the function is first traced.
     images = _as_image_batch(images, model.get_layer("subnet").input_shape[-1])
     map_fn = _traced_map_fn(
         model,
         images.shape[-1],
+        on_rows is not None,
         stride=stride,
         feature_layer=feature_layer,
         chunk_patches=chunk_patches,
         band_pixels=band_pixels,
     )
-    return np.stack([map_fn(image).numpy() for image in images])
+    if on_rows is None:
+        return np.stack([map_fn(image).numpy() for image in images])
+    listener = next(_listener_ids)
+    _ROW_LISTENERS[listener] = on_rows
+    try:
+        return np.stack([map_fn(image, tf.constant(listener, tf.int64)).numpy() for image in images])
+    finally:
+        del _ROW_LISTENERS[listener]
 
 
 def heatmap(
-    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS
+    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS,
+    on_rows=None,
 ):
     """(B, H, W) float32 in [0, 1]: Q(class 1 | patch centred at each pixel).
 
@@ -262,16 +302,19 @@ def heatmap(
     map per class, summing to 1 at every pixel. padding="valid"
     models are computed in one fully convolutional pass per band (exact, about
     100x faster than per patch); padding="same" models per patch, where stride
-    s costs about 1/s^2 of the stride-1 map.
+    s costs about 1/s^2 of the stride-1 map. `on_rows(n)`, if given, is
+    called as each band of n rows of a map is done: progress on large images.
     """
-    return _patch_maps(model, images, None, stride, chunk_patches, band_pixels)
+    return _patch_maps(model, images, None, stride, chunk_patches, band_pixels, on_rows)
 
 
 def filter_heatmaps(
-    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS
+    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS,
+    on_rows=None,
 ):
-    """(B, H, W, filters) float32 in [-1, 1]: the subnet's tanh features per centred patch."""
-    return _patch_maps(model, images, "filter_features", stride, chunk_patches, band_pixels)
+    """(B, H, W, filters) float32 in [-1, 1]: the subnet's tanh features per centred patch
+    (`on_rows` as in `heatmap`)."""
+    return _patch_maps(model, images, "filter_features", stride, chunk_patches, band_pixels, on_rows)
 
 
 def heatmap_to_gray(heat):

@@ -110,16 +110,17 @@ def run(args):
     for path in paths:  # a bad file stops the command before any PNG is written, not halfway
         read_image(path, preprocessing.channels)
     os.makedirs(args.out, exist_ok=True)
-    progress = Progress(len(paths), "image", "heatmaps")
+    # Progress in rows of the maps, not images: one large image takes minutes at stride 1.
+    rows = preprocessing.image_size[0] * len(paths) * (2 if args.filters else 1)
+    progress = Progress(rows, "row", "heatmaps")
     for path, stem in zip(paths, output_stems(paths)):
         image = prepare_image(path, preprocessing)
         model_input = preprocessing.normalize(image[None]).numpy()
-        heat = explain(model, model_input, stride=args.stride)[0]
+        heat = explain(model, model_input, stride=args.stride, on_rows=progress.add)[0]
         prefix = os.path.join(args.out, stem)
         for suffix, pixels in heatmap_pngs(image, heat, preprocessing.class_names).items():
             cv2.imwrite(prefix + suffix, pixels)
         if args.filters:
-            maps = filter_heatmaps(model, model_input, stride=args.stride)[0]
+            maps = filter_heatmaps(model, model_input, stride=args.stride, on_rows=progress.add)[0]
             cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))
-        progress.add(1)
     print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

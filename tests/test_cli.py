@@ -201,6 +201,7 @@ def test_heatmap_writes_pngs_for_a_folder(capsys, dataset, tiny_model_path, tmp_
     code, out, _ = patchnet(capsys, "heatmap", dataset, "--model", tiny_model_path,
                             "--out", str(tmp_path), "--stride", "2", "--filters")
     assert code == 0 and "wrote heatmaps of 8 image(s)" in out
+    assert "heatmaps: 512/512 rows" in out  # progress counts rows: 8 images x 32 rows, maps and filters
     written = sorted(os.listdir(tmp_path))
     # black/000.png and square/000.png: one set of PNGs each, named apart by their folder.
     assert len([name for name in written if name.endswith("-heatmap.png")]) == 8

@@ -53,6 +53,22 @@ def test_chunk_size_does_not_change_the_result(model, images):
         np.testing.assert_allclose(heatmap(model, images, chunk_patches=chunk), reference, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_progress_reports_each_band_of_rows_as_it_is_done(images, padding):
+    """on_rows hears of every band (several per image here), rows adding up to the image
+    height, and the map is the one computed without it."""
+    model = build_patchnet(PATCH, filters=4, conv_layers=2, padding=padding)
+    bands = {"chunk_patches": 30} if padding == "same" else {"band_pixels": 30}  # 3 rows of 10 per band
+    for stride in (1, 2):
+        rows = []
+        maps = heatmap(model, images, stride=stride, on_rows=rows.append, **bands)
+        np.testing.assert_array_equal(maps, heatmap(model, images, stride=stride, **bands))
+        assert sum(rows) == 2 * 13 and len(rows) >= 4, (stride, rows)
+    rows = []
+    filter_heatmaps(model, images[:1], on_rows=rows.append, **bands)
+    assert rows == [3, 3, 3, 3, 1]
+
+
 def test_stride_evaluates_a_grid_and_fills_blocks(model, images, explicit):
     maps = heatmap(model, images, stride=3)
     assert maps.shape == (2, 13, 10)

@@ -43,6 +43,7 @@ from patchnet_tf.flag_types import (
     zoom_factor,
 )
 from patchnet_tf.errors import PatchNetError, WorkerLost
+from patchnet_tf.heatmaps import check_centred_patch_size
 from patchnet_tf.model import build_patchnet, loss_for, output_classes
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
@@ -222,6 +223,17 @@ def check_settings(config):
         baselines.check_image_size(config["arch"], (height, width))
     else:
         patch_size = config["patch_size"]
+        try:  # checked here, not at the first heatmap epoch or by `patchnet heatmap` after training
+            check_centred_patch_size(patch_size)
+        except PatchNetError as error:
+            raise PatchNetError(f"--patch-size {patch_size}: {error}; use {patch_size + 1}") from None
+        if config["padding"] == "valid" and patch_size <= 2 * config["conv_layers"]:
+            # build_patchnet refuses this too, but only after the run folder is written
+            raise PatchNetError(
+                f"--padding valid needs --patch-size above 2 x --conv-layers ({patch_size} <= "
+                f"2 x {config['conv_layers']}: each valid 3x3 conv trims 2 pixels); use --patch-size "
+                f"{2 * config['conv_layers'] + 1} or more, fewer --conv-layers, or --padding same"
+            )
         if patch_size > min(height, width):
             raise PatchNetError(
                 f"--patch-size {patch_size} is larger than the image ({min(height, width)} px after resizing "

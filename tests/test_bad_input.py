@@ -89,6 +89,9 @@ CASES = [
     ("compare-missing-mask", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--masks", "{tmp}"], "no mask", "{new}"),
     ("sweep-a-later-patch-too-big", ["sweep", "{data}", "--out", "{new}", *TINY, "--patch-sizes", "3,41"],
      "--patch-size 41 is larger", "{new}"),
+    ("sweep-a-later-run-cannot-resume", ["sweep", "{data}", "--out", "{sweep_conflict}", *TINY, "--epochs", "1",
+                                         "--archs", "patchnet,cam"],
+     "cam holds a run with different settings", "{sweep_conflict}"),
     ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
     ("demo-out-is-file", ["demo", "--out", "{file}"], "{file}", "{file}"),
     ("export-out-is-file", ["export", "{run}", "--out", "{file}"], "{file}", "{file}"),
@@ -147,6 +150,9 @@ def places(tmp_path_factory):
     corrupt_run = shutil.copytree(run, tmp / "corrupt-run")
     (corrupt_run / "train_config.json").write_text('{"patch_size": 9,')
     places["corrupt_run"] = str(corrupt_run)
+    sweep_conflict = tmp / "sweep-conflict"
+    shutil.copytree(run, sweep_conflict / "cam")  # a PatchNet run where the sweep's CAM run would go
+    places["sweep_conflict"] = str(sweep_conflict)
     cam = tmp / "cam"
     cam.mkdir()
     baselines.build("cam", (32, 32, 3), width=1).save(str(cam / "model.keras"))

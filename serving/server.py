@@ -732,7 +732,7 @@ class LocalServer:
         self._server.wait_for_termination()
 
 
-def _check_port_free(host, port):
+def check_port_free(host, port):
     """gRPC prints a native error line of its own before it fails on a busy port: ask the OS first."""
     if port == 0:
         return
@@ -789,7 +789,7 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
     rest = None
     try:  # both ports before loading any model: a busy port fails in a second, not after the load
-        _check_port_free(host, port)
+        check_port_free(host, port)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:

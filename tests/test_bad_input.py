@@ -57,6 +57,8 @@ CASES = [
     ("heatmap-undecodable", ["heatmap", "{junk}", "--model", "{run}", "--out", "{new}"], "junk.png", "{new}"),
     ("heatmap-missing-model", ["heatmap", "{image}", "--model", "{tmp}/none.keras", "--out", "{new}"], "none.keras", "{new}"),
     ("heatmap-truncated-model", ["heatmap", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
+    ("heatmap-preprocessing-not-ours", ["heatmap", "{image}", "--model", "{odd_preprocessing}", "--out", "{new}"],
+     "preprocessing.json: not a preprocessing.json of `patchnet train`", "{new}"),
     ("heatmap-filters-on-cam", ["heatmap", "{image}", "--model", "{cam}", "--out", "{new}", "--filters"],
      "--filters needs a PatchNet", "{new}"),
     ("heatmap-bad-file-in-folder", ["heatmap", "{broken_data}", "--model", "{run}", "--out", "{new}"],
@@ -153,6 +155,9 @@ def places(tmp_path_factory):
     corrupt_run = shutil.copytree(run, tmp / "corrupt-run")
     (corrupt_run / "train_config.json").write_text('{"patch_size": 9,')
     places["corrupt_run"] = str(corrupt_run)
+    odd_preprocessing = shutil.copytree(run, tmp / "odd-preprocessing")
+    (odd_preprocessing / "preprocessing.json").write_text('{"class_names": ["black", "square"]}')  # valid JSON
+    places["odd_preprocessing"] = str(odd_preprocessing)
     sweep_conflict = tmp / "sweep-conflict"
     shutil.copytree(run, sweep_conflict / "cam")  # a PatchNet run where the sweep's CAM run would go
     places["sweep_conflict"] = str(sweep_conflict)

@@ -733,9 +733,8 @@ class LocalServer:
 
 
 def check_port_free(host, port):
-    """gRPC prints a native error line of its own before it fails on a busy port: ask the OS first."""
-    if port == 0:
-        return
+    """gRPC prints a native error line of its own before it fails on a busy port or an address that is
+    not this machine's: ask the OS first (port 0 too, which checks the address)."""
     address = host.strip("[]")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family) as probe:

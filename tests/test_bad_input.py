@@ -78,6 +78,7 @@ CASES = [
     # --- serve and predict
     ("serve-port-out-of-range", ["serve", "{tmp}", "--port", "70000"], "--port", None),
     ("serve-port-in-use", ["serve", "{base}", "--port", "{busy_port}"], "{busy_port}", None),
+    ("serve-host-not-an-address", ["serve", "{base}", "--port", "0", "--host", "999.1.1.1"], "999.1.1.1", None),
     ("serve-missing-base", ["serve", "{tmp}/nobase", "--port", "0"], "nobase", None),
     ("predict-no-server", ["predict", "{image}", "--model", "tiny", "--server", "127.0.0.1:{free_port}", "--wait", "0.5"],
      "127.0.0.1:{free_port}", None),

@@ -82,6 +82,8 @@ CASES = [
     ("serve-missing-base", ["serve", "{tmp}/nobase", "--port", "0"], "nobase", None),
     ("predict-no-server", ["predict", "{image}", "--model", "tiny", "--server", "127.0.0.1:{free_port}", "--wait", "0.5"],
      "127.0.0.1:{free_port}", None),
+    ("predict-port-out-of-range", ["predict", "{image}", "--model", "tiny", "--server", "localhost:99999", "--wait", "30"],
+     "argument --server: expected host:port with a port from 1 to 65535", None),
     ("predict-missing-image", ["predict", "{tmp}/gone.png", "--model", "tiny", "--server", "127.0.0.1:{free_port}"],
      "gone.png", None),
     ("predict-retries-negative", ["predict", "{image}", "--model", "tiny", "--retries", "-1"], "--retries", None),

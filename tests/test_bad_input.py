@@ -97,6 +97,8 @@ CASES = [
     ("sweep-a-later-run-cannot-resume", ["sweep", "{data}", "--out", "{sweep_conflict}", *TINY, "--epochs", "1",
                                          "--archs", "patchnet,cam"],
      "cam holds a run with different settings", "{sweep_conflict}"),
+    ("sweep-learning-rate-nan", ["sweep", "{data}", "--out", "{new}", *TINY, "--epochs", "1",
+                                 "--learning-rates", "1e-3,nan"], "--learning-rates", "{new}"),
     ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
     ("demo-patch-too-big", ["demo", "--out", "{new}", "--epochs", "1", "--patch-size", "99"],
      "--patch-size 99 is larger than the image", "{new}"),

@@ -77,6 +77,11 @@ def settings(config):
             if len(rates) > 1:
                 name += f" lr={rate:g}"
             points.append((name, overrides))
+    folders = [run_folder_name(name) for name, _ in points]
+    repeated = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if repeated:  # two runs in one folder: the second would resume the first, its row a copy
+        raise PatchNetError(f"two settings would train into the same run folder {', '.join(repeated)}; "
+                            "give each --archs, --patch-sizes and --learning-rates value once")
     return points
 
 

@@ -148,13 +148,13 @@ def sweep(config):
     base = {key: value for key, value in config.items() if key not in ("archs", "patch_sizes", "learning_rates")}
     for name, overrides in points:  # every run's settings, before the first one trains
         check_settings({**base, **overrides, "out": os.path.join(config["out"], run_folder_name(name))})
-    os.makedirs(config["out"], exist_ok=True)
-    _write_hparams_config(config["out"], points)
     rows = []
     for index, (name, overrides) in enumerate(points, start=1):
         run_dir = os.path.join(config["out"], run_folder_name(name))
         print(f"[{index}/{len(points)}] {name} -> {run_dir}", flush=True)
         train({**base, **overrides, "out": run_dir})
+        if index == 1:  # once a run has read the data: a bad image leaves no sweep folder behind
+            _write_hparams_config(config["out"], points)
         rows.append({"model": name, **summarize(run_dir), "run": run_dir})
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")

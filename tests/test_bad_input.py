@@ -101,6 +101,7 @@ CASES = [
                                  "--learning-rates", "1e-3,nan"], "--learning-rates", "{new}"),
     ("sweep-same-run-twice", ["sweep", "{data}", "--out", "{new}", *TINY, "--epochs", "1", "--patch-sizes", "9,9"],
      "same run folder patchnet-9", "{new}"),
+    ("sweep-bad-image", ["sweep", "{broken_data}", "--out", "{new}", *TINY, "--epochs", "1"], "zz-broken.png", "{new}"),
     ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
     ("demo-patch-too-big", ["demo", "--out", "{new}", "--epochs", "1", "--patch-size", "99"],
      "--patch-size 99 is larger than the image", "{new}"),

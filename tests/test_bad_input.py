@@ -6,7 +6,9 @@ would write to is absent or unchanged afterwards. The cases run two at a time (o
 """
 
 import concurrent.futures
+import importlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -69,6 +71,8 @@ CASES = [
     ("evaluate-corrupt-config", ["evaluate", "{corrupt_run}", "{data}"], "train_config.json", None),
     ("evaluate-json-is-folder", ["evaluate", "{run}", "{data}", "--json", "{tmp}"], "{tmp}", None),
     ("evaluate-threshold-nan", ["evaluate", "{run}", "{data}", "--threshold", "nan"], "--threshold", None),
+    ("evaluate-missing-mask", ["evaluate", "{run}", "{data}", "--masks", "{tmp}"],
+     "(--skip-unmasked leaves such images out", None),
     ("evaluate-missing-run", ["evaluate", "{tmp}/norun", "{data}"], "norun", None),
     ("evaluate-bad-image", ["evaluate", "{run}", "{split_broken}"], "zz-broken.png", None),
     # --- export and push
@@ -187,6 +191,17 @@ def places(tmp_path_factory):
     busy.close()
 
 
+def _flags_of(command):
+    """Every option string of `patchnet COMMAND` (what its --help lists)."""
+    parser = cli.Parser(prog=f"patchnet {command}")
+    importlib.import_module(cli.COMMANDS[command][0]).add_arguments(parser)
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+# A flag named in a message (not a --name=value pattern, which bulk's Beam options are).
+FLAG = re.compile(r"--[a-z][\w-]*\b(?![=\w-])")
+
+
 def _snapshot(path):
     if path is None or not os.path.exists(path):
         return None
@@ -227,3 +242,5 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, n
     assert " error: " in lines[0], lines[0]
     assert expected in lines[0], lines[0]
     assert after == before, f"{watched} changed"
+    if argv[0] in cli.COMMANDS:  # rule 4: never suggest a flag the command does not have
+        assert set(FLAG.findall(lines[0])) <= _flags_of(argv[0]), lines[0]

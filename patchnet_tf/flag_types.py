@@ -42,6 +42,12 @@ def message_bytes(text):
     return _integer(text, 1, 2**31 - 1, "a byte count from 1 to 2147483647")
 
 
+def cell_pixels(text):
+    """A figure cell's side. At most 1024: the figure is rows x 5 cells, and far larger cells run out of
+    memory only when the figure is drawn, after the training."""
+    return _integer(text, 1, 1024, "a cell size from 1 to 1024 pixels")
+
+
 def _finite(text, accept, expected):
     """float(text) if finite and accept(value), else an argparse error saying `expected` (NaN never passes)."""
     try:

@@ -6,6 +6,7 @@ would write to is absent or unchanged afterwards. The cases run two at a time (o
 """
 
 import concurrent.futures
+import glob
 import importlib
 import os
 import re
@@ -94,6 +95,8 @@ CASES = [
     # --- multi-run commands: everything checked before the first run trains
     ("compare-image-too-small", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--image-size", "8", "--masks", "{tmp}"],
      "--image-size", "{new}"),
+    ("compare-cell-too-big", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--image-size", "32",
+                              "--padding", "same", "--masks", "{masks}", "--cell", "100000"], "--cell", "{new}"),
     ("compare-out-is-file", ["compare", "{data}", "--out", "{file}", *TINY_COMPARE, "--masks", "{tmp}"], "{file}", "{file}"),
     ("compare-missing-mask", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--masks", "{tmp}"], "no mask", "{new}"),
     ("sweep-a-later-patch-too-big", ["sweep", "{data}", "--out", "{new}", *TINY, "--patch-sizes", "3,41"],
@@ -170,6 +173,11 @@ def places(tmp_path_factory):
     odd_preprocessing = shutil.copytree(run, tmp / "odd-preprocessing")
     (odd_preprocessing / "preprocessing.json").write_text('{"class_names": ["black", "square"]}')  # valid JSON
     places["odd_preprocessing"] = str(odd_preprocessing)
+    masks = tmp / "masks"  # a mask (the image itself) for every image: compare gets past its mask checks
+    masks.mkdir()
+    for path in sorted(glob.glob(os.path.join(data, "*", "*.png"))):
+        shutil.copy(path, masks)
+    places["masks"] = str(masks)
     sweep_conflict = tmp / "sweep-conflict"
     shutil.copytree(run, sweep_conflict / "cam")  # a PatchNet run where the sweep's CAM run would go
     places["sweep_conflict"] = str(sweep_conflict)

@@ -238,8 +238,7 @@ def evaluate_model(
     with `masks_dir`, "masks": mask_metrics(...) over the split's masked images."""
     if len(split) == 0:
         raise PatchNetError("the split to evaluate holds no images")
-    results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
-    if masks_dir is not None:
+    if masks_dir is not None:  # before the predictions: a missing mask fails in a second, not after them
         class_names = list(preprocessing.class_names)
         classes = masked_classes(masks_dir, class_names) if len(class_names) > 2 else None
         if classes is None:
@@ -248,6 +247,8 @@ def evaluate_model(
             pairs = class_mask_pairs(split.paths, masks_dir, classes, skip_missing=skip_unmasked)
         if not pairs:
             raise PatchNetError(f"{masks_dir}: no mask matches an image of the split")
+    results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
+    if masks_dir is not None:
         _, heatmaps, masks = masked_heatmaps(
             model, preprocessing, pairs, heatmap_stride=heatmap_stride, batch_size=batch_size,
             progress=progress,

@@ -338,3 +338,12 @@ def test_evaluate_checks_the_masks_before_predicting(capsys, monkeypatch, datase
     code, _, err = patchnet(capsys, "evaluate", dataset_run, dataset, "--masks", str(tmp_path / "none"))
     assert code == 2 and err.strip() == f"patchnet evaluate: error: {tmp_path / 'none'}: no such mask folder"
 
+
+def test_push_checks_the_data_before_exporting(capsys, monkeypatch, dataset_run, tmp_path):
+    from pipelines import push
+
+    monkeypatch.setattr(push, "export_saved_model", _never("export"))
+    code, _, err = patchnet(capsys, "push", dataset_run, "--base", str(tmp_path / "base" / "m"),
+                            "--data", str(tmp_path / "nowhere"))
+    assert code == 2 and f"{tmp_path / 'nowhere'}: no such data folder" in err, err
+    assert not (tmp_path / "base").exists()

@@ -33,11 +33,20 @@ import os
 import threading
 import time
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics, MetricsFilter
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+# Importing Beam logs "apitools not found ..." to the root logger (its BigQuery client, which bulk
+# never uses), a line users read as part of their command's answer: the import runs with the root
+# logger quiet. (A handler on root also keeps logging from installing its own stderr one.)
+_quiet = logging.NullHandler()
+logging.getLogger().addHandler(_quiet)
+try:
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics, MetricsFilter
+    from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+finally:
+    logging.getLogger().removeHandler(_quiet)
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError

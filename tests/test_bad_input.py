@@ -117,6 +117,8 @@ CASES = [
     ("export-out-is-file", ["export", "{run}", "--out", "{file}"], "{file}", "{file}"),
     ("predict-out-is-file", ["predict", "{image}", "--model", "tiny", "--signature", "heatmap", "--out", "{file}"],
      "{file}", "{file}"),
+    # --- bulk
+    ("bulk-missing-model", ["bulk", "{image}", "--model", "{tmp}/norun", "--out", "{new}"], "norun", "{new}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
 ]
 

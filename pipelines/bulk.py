@@ -24,6 +24,7 @@ Runners: `--runner DirectRunner` (default) runs in one process per core here
 must be paths every worker sees (a shared file system).
 """
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -89,7 +90,17 @@ def parse_arguments(parser, argv):
     """Our flags, plus Beam's own pipeline options (`--name=value`) in args.beam_options."""
     args, rest = parser.parse_known_args(argv)
     options = PipelineOptions(rest)
-    known = options.get_all_options(drop_default=True)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args" says what our error below says
+    try:  # Beam parses its options with an argparse parser of its own, whose error is its whole usage
+        with contextlib.redirect_stderr(io.StringIO()) as beam_error:
+            known = options.get_all_options(drop_default=True)
+    except SystemExit:  # its last line: "<prog>: error: argument --name: why"
+        reason = beam_error.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+        parser.error(f"Beam pipeline option {reason.removeprefix('argument ')}")
+    finally:
+        beam_log.setLevel(level)
     unknown = [flag for flag in rest if not flag.startswith("--") or
                flag[2:].split("=", 1)[0] not in known]
     if unknown:

@@ -119,6 +119,10 @@ CASES = [
      "{file}", "{file}"),
     # --- bulk
     ("bulk-missing-model", ["bulk", "{image}", "--model", "{tmp}/norun", "--out", "{new}"], "norun", "{new}"),
+    ("bulk-unknown-beam-option", ["bulk", "{image}", "--model", "{run}", "--out", "{new}", "--flink_mastr=host:8081"],
+     "unrecognized arguments: --flink_mastr=host:8081", "{new}"),
+    ("bulk-beam-option-bad-value", ["bulk", "{image}", "--model", "{run}", "--out", "{new}",
+                                    "--direct_num_workers=many"], "--direct_num_workers: invalid int value", "{new}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
 ]
 
@@ -205,7 +209,12 @@ def _flags_of(command):
     """Every option string of `patchnet COMMAND` (what its --help lists)."""
     parser = cli.Parser(prog=f"patchnet {command}")
     importlib.import_module(cli.COMMANDS[command][0]).add_arguments(parser)
-    return {flag for action in parser._actions for flag in action.option_strings}
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    if command == "bulk":  # and every Beam pipeline option, which bulk passes on
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        flags |= {f"--{name}" for name in PipelineOptions([]).get_all_options()}
+    return flags
 
 
 # A flag named in a message (not a --name=value pattern, which bulk's Beam options are).

@@ -49,7 +49,7 @@ try:
 finally:
     logging.getLogger().removeHandler(_quiet)
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
+from patchnet_tf.atomic import atomic_path, atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import output_stems
@@ -381,13 +381,13 @@ def counters(result):
 
 
 def run(args):
+    check_output_path(args.out, "--out")
     model_file = os.path.join(args.model, MODEL_FILE) if os.path.isdir(args.model) else args.model
     if not os.path.isfile(model_file):
         raise PatchNetError(f"{model_file}: no such model file (a run folder of `patchnet train` or a .keras file)")
     preprocessing = Preprocessing.for_model(model_file)
     paths = list_inputs(args.inputs)
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)
     for folder in (out, os.path.join(out, ROWS_FOLDER)):
         remove_stale_temporaries(folder)  # what a killed run was writing; its image is still to do
     todo, done_rows = [], []
@@ -402,6 +402,7 @@ def run(args):
         print(f"bulk: all {len(paths)} image(s) already have outputs in {args.out}; nothing to do")
         return 0
     load_trained_model(model_file)  # a model the workers cannot load is one line here, not a worker traceback
+    os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)  # after every check: a refused run leaves no folder
     print(f"bulk: {len(todo)} image(s) to do, {len(done_rows)} already done; runner {args.runner}", flush=True)
     # The local job service relays every worker's start-up warnings; failures still raise.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)

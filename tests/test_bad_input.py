@@ -123,6 +123,9 @@ CASES = [
      "unrecognized arguments: --flink_mastr=host:8081", "{new}"),
     ("bulk-beam-option-bad-value", ["bulk", "{image}", "--model", "{run}", "--out", "{new}",
                                     "--direct_num_workers=many"], "--direct_num_workers: invalid int value", "{new}"),
+    ("bulk-truncated-model", ["bulk", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
+    ("bulk-out-is-file", ["bulk", "{image}", "--model", "{run}", "--out", "{file}"], "{file}: exists and is not a folder",
+     "{file}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
 ]
 

@@ -46,6 +46,7 @@ try:
     from apache_beam.metrics import Metrics, MetricsFilter
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+    from apache_beam.runners.runner import create_runner
 finally:
     logging.getLogger().removeHandler(_quiet)
 
@@ -380,8 +381,17 @@ def counters(result):
     return values
 
 
+def check_runner(name):
+    """Refuses a --runner Beam does not know before any work (Beam would raise when the pipeline is built)."""
+    try:
+        create_runner(name)
+    except (ValueError, ImportError) as error:  # a short name it lacks; a module path that does not import
+        raise PatchNetError(f"--runner {name}: {error}") from None
+
+
 def run(args):
     check_output_path(args.out, "--out")
+    check_runner(args.runner)
     model_file = os.path.join(args.model, MODEL_FILE) if os.path.isdir(args.model) else args.model
     if not os.path.isfile(model_file):
         raise PatchNetError(f"{model_file}: no such model file (a run folder of `patchnet train` or a .keras file)")

@@ -126,6 +126,8 @@ CASES = [
     ("bulk-truncated-model", ["bulk", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
     ("bulk-out-is-file", ["bulk", "{image}", "--model", "{run}", "--out", "{file}"], "{file}: exists and is not a folder",
      "{file}"),
+    ("bulk-unknown-runner", ["bulk", "{image}", "--model", "{run}", "--out", "{new}", "--runner", "Nope"],
+     "--runner Nope: Unexpected pipeline runner", "{new}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
 ]
 

@@ -129,6 +129,7 @@ CASES = [
     ("bulk-unknown-runner", ["bulk", "{image}", "--model", "{run}", "--out", "{new}", "--runner", "Nope"],
      "--runner Nope: Unexpected pipeline runner", "{new}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
+    ("textures-image-too-small", ["pipelines.textures", "{new}", "--image-size", "2"], "--image-size 2x2", "{new}"),
 ]
 
 

@@ -28,9 +28,24 @@ def port_number(text):
     return _integer(text, 0, 65535, "a port number from 0 to 65535")
 
 
+def host_port(text):
+    """A server's host:port, port 1 to 65535 (gRPC would wait for a bad one until --wait, then time out)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected host:port with a port from 1 to 65535 (e.g. localhost:8500), got {text!r}")
+    return text
+
+
 def message_bytes(text):
     """A gRPC message size cap: 1 to INT32_MAX (gRPC's limit is a C int; TF Serving uses INT32_MAX)."""
     return _integer(text, 1, 2**31 - 1, "a byte count from 1 to 2147483647")
+
+
+def cell_pixels(text):
+    """A figure cell's side. At most 1024: the figure is rows x 5 cells, and far larger cells run out of
+    memory only when the figure is drawn, after the training."""
+    return _integer(text, 1, 1024, "a cell size from 1 to 1024 pixels")
 
 
 def _finite(text, accept, expected):

@@ -131,9 +131,15 @@ class Preprocessing:
             ) from None
         except (json.JSONDecodeError, OSError) as error:
             raise PatchNetError(f"{path}: unreadable ({error})") from None
-        fields["image_size"] = tuple(fields["image_size"])
-        fields["class_names"] = tuple(fields["class_names"])
-        for name in ("mean", "std"):
-            if fields.get(name) is not None:
-                fields[name] = tuple(fields[name])
-        return cls(**fields)
+        try:  # JSON, but not what `save` writes (edited by hand, or another tool's file)
+            fields["image_size"] = tuple(fields["image_size"])
+            fields["class_names"] = tuple(fields["class_names"])
+            for name in ("mean", "std"):
+                if fields.get(name) is not None:
+                    fields[name] = tuple(fields[name])
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PatchNetError(
+                f"{path}: not a {CONFIG_NAME} of `patchnet train` ({type(error).__name__}: {error}); "
+                "copy it from the run folder or train again"
+            ) from None

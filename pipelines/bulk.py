@@ -24,6 +24,7 @@ Runners: `--runner DirectRunner` (default) runs in one process per core here
 must be paths every worker sees (a shared file system).
 """
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -33,13 +34,23 @@ import os
 import threading
 import time
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics, MetricsFilter
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
+# Importing Beam logs "apitools not found ..." to the root logger (its BigQuery client, which bulk
+# never uses), a line users read as part of their command's answer: the import runs with the root
+# logger quiet. (A handler on root also keeps logging from installing its own stderr one.)
+_quiet = logging.NullHandler()
+logging.getLogger().addHandler(_quiet)
+try:
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics, MetricsFilter
+    from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+    from apache_beam.runners.runner import create_runner
+finally:
+    logging.getLogger().removeHandler(_quiet)
+
+from patchnet_tf.atomic import atomic_path, atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import output_stems
@@ -80,7 +91,17 @@ def parse_arguments(parser, argv):
     """Our flags, plus Beam's own pipeline options (`--name=value`) in args.beam_options."""
     args, rest = parser.parse_known_args(argv)
     options = PipelineOptions(rest)
-    known = options.get_all_options(drop_default=True)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args" says what our error below says
+    try:  # Beam parses its options with an argparse parser of its own, whose error is its whole usage
+        with contextlib.redirect_stderr(io.StringIO()) as beam_error:
+            known = options.get_all_options(drop_default=True)
+    except SystemExit:  # its last line: "<prog>: error: argument --name: why"
+        reason = beam_error.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+        parser.error(f"Beam pipeline option {reason.removeprefix('argument ')}")
+    finally:
+        beam_log.setLevel(level)
     unknown = [flag for flag in rest if not flag.startswith("--") or
                flag[2:].split("=", 1)[0] not in known]
     if unknown:
@@ -360,14 +381,23 @@ def counters(result):
     return values
 
 
+def check_runner(name):
+    """Refuses a --runner Beam does not know before any work (Beam would raise when the pipeline is built)."""
+    try:
+        create_runner(name)
+    except (ValueError, ImportError) as error:  # a short name it lacks; a module path that does not import
+        raise PatchNetError(f"--runner {name}: {error}") from None
+
+
 def run(args):
+    check_output_path(args.out, "--out")
+    check_runner(args.runner)
     model_file = os.path.join(args.model, MODEL_FILE) if os.path.isdir(args.model) else args.model
     if not os.path.isfile(model_file):
         raise PatchNetError(f"{model_file}: no such model file (a run folder of `patchnet train` or a .keras file)")
     preprocessing = Preprocessing.for_model(model_file)
     paths = list_inputs(args.inputs)
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)
     for folder in (out, os.path.join(out, ROWS_FOLDER)):
         remove_stale_temporaries(folder)  # what a killed run was writing; its image is still to do
     todo, done_rows = [], []
@@ -382,6 +412,7 @@ def run(args):
         print(f"bulk: all {len(paths)} image(s) already have outputs in {args.out}; nothing to do")
         return 0
     load_trained_model(model_file)  # a model the workers cannot load is one line here, not a worker traceback
+    os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)  # after every check: a refused run leaves no folder
     print(f"bulk: {len(todo)} image(s) to do, {len(done_rows)} already done; runner {args.runner}", flush=True)
     # The local job service relays every worker's start-up warnings; failures still raise.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)

@@ -29,7 +29,14 @@ import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
-from patchnet_tf.flag_types import image_size, nonnegative_int, positive_float, positive_int, unit_interval
+from patchnet_tf.flag_types import (
+    cell_pixels,
+    image_size,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
@@ -80,7 +87,7 @@ def add_arguments(parser):
     group.add_argument("--heatmap-stride", type=positive_int, default=1,
                        help="PatchNet heatmap stride (costly for padding='same' models)")
     group.add_argument("--samples", type=positive_int, default=6, help="images in the figure")
-    group.add_argument("--cell", type=positive_int, default=128, help="figure cell size in pixels")
+    group.add_argument("--cell", type=cell_pixels, default=128, help="figure cell size in pixels")
     group.add_argument("--batch-size-eval", type=positive_int, default=16, dest="eval_batch_size",
                        help="images per batch when evaluating")
 

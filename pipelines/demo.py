@@ -14,6 +14,7 @@ from patchnet_tf.flag_types import image_size, nonnegative_int, port_number, pos
 from patchnet_tf.metrics import format_number, format_percent
 
 MODEL_NAME = "patchnet"
+HOST = "127.0.0.1"  # the local server's address
 
 
 def add_arguments(parser):
@@ -44,20 +45,13 @@ def run(args):
     from pipelines.data import load_folder_dataset
     from pipelines.push import push
     from pipelines.textures import write_texture_dataset
-    from pipelines.train import MODEL_NAME as MODEL_FILE, train
+    from pipelines.train import MODEL_NAME as MODEL_FILE, check_flags, train
     from serving.client import predict, write_heatmaps
-    from serving.server import start_server
+    from serving.server import check_port_free, start_server
 
     out = os.path.abspath(args.out)
     check_output_path(out, "--out")
     data, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
-    stage = Stages(7)
-
-    stage("bundled dataset: grey scikit-image textures with brick inlays (class 1) and their masks")
-    write_texture_dataset(data, image_size=args.image_size, seed=args.seed)
-    print(f"  {data}")
-
-    stage(f"train PatchNet-{args.patch_size} ({args.padding} padding) with keras fit")
     # `patchnet compare`'s PatchNet: a CPU-sized subnet (the paper's is 7 x 64); every other
     # flag (normalization, border patches, patience after the plateau) is `patchnet train`'s default.
     config = {
@@ -65,6 +59,16 @@ def run(args):
         "filters": 16, "conv_layers": 3, "image_size": args.image_size, "batch_size": 8,
         "epochs": args.epochs, "learning_rate": 3e-3, "patience": 20, "seed": args.seed,
     }
+    # Every flag before the dataset is written, and the port the server takes after training.
+    check_flags(config)
+    check_port_free(HOST, args.port)
+    stage = Stages(7)
+
+    stage("bundled dataset: grey scikit-image textures with brick inlays (class 1) and their masks")
+    write_texture_dataset(data, image_size=args.image_size, seed=args.seed)
+    print(f"  {data}")
+
+    stage(f"train PatchNet-{args.patch_size} ({args.padding} padding) with keras fit")
     train(config)
     model_path = os.path.join(run_dir, MODEL_FILE)
 
@@ -89,7 +93,7 @@ def run(args):
                    log=lambda line: print("  " + line))
 
     stage("serve it with the local TF-Serving-compatible gRPC server")
-    server = start_server(base, MODEL_NAME, port=args.port)
+    server = start_server(base, MODEL_NAME, HOST, args.port)
     try:
         server.wait_for_version(version)
         print(f"  serving {MODEL_NAME} version {version} on {server.address}")

@@ -139,9 +139,12 @@ def predict(model, split, preprocessing, batch_size=16):
     return probabilities.reshape(-1) if probabilities.shape[-1] == 1 else probabilities
 
 
-def mask_pairs(image_paths, mask_dir, *, skip_missing=False):
+def mask_pairs(image_paths, mask_dir, *, skip_missing=None):
     """[(image path, mask path)] matched by file stem in a flat folder; an image without
-    a mask is an error naming it, or with `skip_missing` is left out."""
+    a mask is an error naming it, or with `skip_missing` is left out.
+
+    skip_missing=None: the command has no --skip-unmasked (compare, demo), so the error does not
+    suggest it; False: it does (evaluate)."""
     if not os.path.isdir(mask_dir):
         raise PatchNetError(f"{mask_dir}: no such mask folder")
     pairs = []
@@ -151,10 +154,8 @@ def mask_pairs(image_paths, mask_dir, *, skip_missing=False):
             if skip_missing:
                 continue
             stem = os.path.splitext(os.path.basename(image_path))[0]
-            raise PatchNetError(
-                f"{image_path}: no mask {os.path.join(mask_dir, stem + '.png')} "
-                "(--skip-unmasked leaves such images out of the mask metrics)"
-            )
+            hint = "" if skip_missing is None else " (--skip-unmasked leaves such images out of the mask metrics)"
+            raise PatchNetError(f"{image_path}: no mask {os.path.join(mask_dir, stem + '.png')}{hint}")
         pairs.append((image_path, mask_path))
     return pairs
 
@@ -204,7 +205,7 @@ def masked_classes(masks_dir, class_names):
     return classes
 
 
-def class_mask_pairs(image_paths, masks_dir, classes, *, skip_missing=False):
+def class_mask_pairs(image_paths, masks_dir, classes, *, skip_missing=None):
     """[(image path, [mask path per class])] for images with a mask in every MASKS/<class>/ of `classes`."""
     by_class = [dict(mask_pairs(image_paths, os.path.join(masks_dir, name), skip_missing=skip_missing))
                 for name in classes]
@@ -237,8 +238,7 @@ def evaluate_model(
     with `masks_dir`, "masks": mask_metrics(...) over the split's masked images."""
     if len(split) == 0:
         raise PatchNetError("the split to evaluate holds no images")
-    results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
-    if masks_dir is not None:
+    if masks_dir is not None:  # before the predictions: a missing mask fails in a second, not after them
         class_names = list(preprocessing.class_names)
         classes = masked_classes(masks_dir, class_names) if len(class_names) > 2 else None
         if classes is None:
@@ -247,6 +247,8 @@ def evaluate_model(
             pairs = class_mask_pairs(split.paths, masks_dir, classes, skip_missing=skip_unmasked)
         if not pairs:
             raise PatchNetError(f"{masks_dir}: no mask matches an image of the split")
+    results = classification_metrics(split.labels, predict(model, split, preprocessing, batch_size))
+    if masks_dir is not None:
         _, heatmaps, masks = masked_heatmaps(
             model, preprocessing, pairs, heatmap_stride=heatmap_stride, batch_size=batch_size,
             progress=progress,

@@ -221,13 +221,16 @@ def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_a
     served = list_versions(base_dir) if os.path.isdir(base_dir) else []
     staging_root = tempfile.mkdtemp(prefix="patchnet-push-")
     staging = os.path.join(staging_root, "candidate")
-    step = "export"
+    step = "evaluate"
     try:
+        # The data first: a missing folder or class fails before the export, not after it.
+        split = _validation_split(model_path, data_dir, val_fraction, seed, positive_class)
+
+        step = "export"
         export_saved_model(model_path, staging, heatmap_stride=heatmap_stride)
         log(f"[export] candidate SavedModel staged at {staging}")
 
         step = "evaluate"
-        split = _validation_split(model_path, data_dir, val_fraction, seed, positive_class)
         candidate = evaluate_export(staging, split.paths, split.labels)
         log(f"[evaluate] candidate: {candidate.text()}")
         baseline = served_baseline(base_dir, served, split.paths, split.labels, log)

@@ -10,6 +10,7 @@ written as SWEEP/sweep.csv and SWEEP/sweep.md; `tensorboard --logdir SWEEP`
 shows every run, and the HParams dashboard compares them.
 """
 
+import argparse
 import csv
 import io
 import itertools
@@ -17,7 +18,7 @@ import os
 import statistics
 
 from patchnet_tf.atomic import atomic_write_text
-from patchnet_tf.flag_types import positive_int
+from patchnet_tf.flag_types import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 
 COLUMNS = (
@@ -32,16 +33,12 @@ COLUMNS = (
 )
 
 
-def _list_of(kind, name):
+def _list_of(kind):
+    """A comma-separated list of `kind` values; `kind` is a flag type, which refuses a bad value itself."""
     def parse(text):
-        try:
-            values = [kind(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            values = []
-        if not values or (kind is not str and min(values) <= 0):
-            import argparse
-
-            raise argparse.ArgumentTypeError(f"{name}: expected a comma-separated list such as 11,17,31, got {text!r}")
+        values = [kind(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list such as 11,17,31, got {text!r}")
         return values
 
     return parse
@@ -52,11 +49,11 @@ def add_arguments(parser):
 
     parser.add_argument("data", help="dataset folder or ISIC CSV, as for `patchnet train`")
     parser.add_argument("--out", required=True, help="sweep folder: one run folder per setting inside")
-    parser.add_argument("--patch-sizes", type=_list_of(positive_int, "--patch-sizes"), default=None,
+    parser.add_argument("--patch-sizes", type=_list_of(positive_int), default=None,
                         help="comma-separated patch sizes, e.g. 11,17,31 (PatchNet runs)")
-    parser.add_argument("--archs", type=_list_of(str, "--archs"), default=["patchnet"],
+    parser.add_argument("--archs", type=_list_of(str), default=["patchnet"],
                         help="comma-separated architectures: patchnet, cam, vgg11")
-    parser.add_argument("--learning-rates", type=_list_of(float, "--learning-rates"), default=None,
+    parser.add_argument("--learning-rates", type=_list_of(positive_float), default=None,
                         help="comma-separated learning rates (default: --learning-rate)")
     add_model_arguments(parser)
     add_training_arguments(parser)
@@ -80,6 +77,11 @@ def settings(config):
             if len(rates) > 1:
                 name += f" lr={rate:g}"
             points.append((name, overrides))
+    folders = [run_folder_name(name) for name, _ in points]
+    repeated = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if repeated:  # two runs in one folder: the second would resume the first, its row a copy
+        raise PatchNetError(f"two settings would train into the same run folder {', '.join(repeated)}; "
+                            "give each --archs, --patch-sizes and --learning-rates value once")
     return points
 
 
@@ -146,13 +148,13 @@ def sweep(config):
     base = {key: value for key, value in config.items() if key not in ("archs", "patch_sizes", "learning_rates")}
     for name, overrides in points:  # every run's settings, before the first one trains
         check_settings({**base, **overrides, "out": os.path.join(config["out"], run_folder_name(name))})
-    os.makedirs(config["out"], exist_ok=True)
-    _write_hparams_config(config["out"], points)
     rows = []
     for index, (name, overrides) in enumerate(points, start=1):
         run_dir = os.path.join(config["out"], run_folder_name(name))
         print(f"[{index}/{len(points)}] {name} -> {run_dir}", flush=True)
         train({**base, **overrides, "out": run_dir})
+        if index == 1:  # once a run has read the data: a bad image leaves no sweep folder behind
+            _write_hparams_config(config["out"], points)
         rows.append({"model": name, **summarize(run_dir), "run": run_dir})
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")

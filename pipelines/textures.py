@@ -182,6 +182,9 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, vari
     counts = count if isinstance(count, dict) else {split: int(count) for split in SPLIT_NAMES}
     if classes not in (2, 3):
         raise ValueError(f"classes must be 2 or 3, got {classes!r}")
+    if min(image_size) < 3:  # _shape_mask's smallest inlay (radius 2) needs a centre 1 pixel inside
+        raise PatchNetError(f"--image-size {image_size[0]}x{image_size[1]}: the textures need images of "
+                            "3 pixels or more a side")
     os.makedirs(os.path.join(root, "masks"), exist_ok=True)
     if classes == 3:
         _write_three_classes(root, image_size, counts, seed, tint)

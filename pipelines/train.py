@@ -43,6 +43,7 @@ from patchnet_tf.flag_types import (
     zoom_factor,
 )
 from patchnet_tf.errors import PatchNetError, WorkerLost
+from patchnet_tf.heatmaps import check_centred_patch_size
 from patchnet_tf.model import build_patchnet, loss_for, output_classes
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
@@ -215,13 +216,45 @@ def check_settings(config):
     Nothing is decoded or written. Commands that train several runs (compare, sweep) call this for
     every run first, so a setting that would fail the third run fails before the first one trains.
     """
+    config = check_flags(config)
+    return load_dataset(
+        config["data"],
+        positive_class=config["positive_class"],
+        image_dir=config["images"],
+        val_fraction=config["val_fraction"],
+        seed=config["seed"],
+        isic_task=config["isic_task"],
+    )
+
+
+def complete_config(config):
+    """`config` with the `patchnet train` defaults for missing keys and its paths absolute."""
     config = {**train_defaults(), **config}
+    config.update({key: os.path.abspath(config[key]) for key in PATH_KEYS if config.get(key)})
+    return config
+
+
+def check_flags(config):
+    """The part of `check_settings` that reads no data (demo calls it before it writes its dataset):
+    the settings against each other and against a run already in --out. Returns the completed config."""
+    config = complete_config(config)
     check_output_path(config["out"], "--out")
     height, width = config["image_size"]
     if config["arch"] != "patchnet":
         baselines.check_image_size(config["arch"], (height, width))
     else:
         patch_size = config["patch_size"]
+        try:  # checked here, not at the first heatmap epoch or by `patchnet heatmap` after training
+            check_centred_patch_size(patch_size)
+        except PatchNetError as error:
+            raise PatchNetError(f"--patch-size {patch_size}: {error}; use {patch_size + 1}") from None
+        if config["padding"] == "valid" and patch_size <= 2 * config["conv_layers"]:
+            # build_patchnet refuses this too, but only after the run folder is written
+            raise PatchNetError(
+                f"--padding valid needs --patch-size above 2 x --conv-layers ({patch_size} <= "
+                f"2 x {config['conv_layers']}: each valid 3x3 conv trims 2 pixels); use --patch-size "
+                f"{2 * config['conv_layers'] + 1} or more, fewer --conv-layers, or --padding same"
+            )
         if patch_size > min(height, width):
             raise PatchNetError(
                 f"--patch-size {patch_size} is larger than the image ({min(height, width)} px after resizing "
@@ -234,14 +267,8 @@ def check_settings(config):
         if region is not None and not (patch_size <= min(region) and region[0] <= height and region[1] <= width):
             raise PatchNetError(f"--region {region[0]}x{region[1]} must fit in the image ({height}x{width}) "
                                 f"and hold a patch ({patch_size} px)")
-    return load_dataset(
-        config["data"],
-        positive_class=config["positive_class"],
-        image_dir=config["images"],
-        val_fraction=config["val_fraction"],
-        seed=config["seed"],
-        isic_task=config["isic_task"],
-    )
+    _check_resume(config["out"], config)  # a run folder that cannot resume: before any run of several trains
+    return config
 
 
 def mixed_precision_policy(choice):
@@ -399,8 +426,7 @@ def train(config):
     Missing keys take the `patchnet train` defaults, so callers can pass
     only what they change (plus data and out).
     """
-    config = {**train_defaults(), **config}
-    config.update({key: os.path.abspath(config[key]) for key in PATH_KEYS if config.get(key)})
+    config = complete_config(config)
     out = config["out"]
     previous_policy = keras.mixed_precision.global_policy()
     strategy = distribution_strategy(config["strategy"])
@@ -412,7 +438,6 @@ def train(config):
         shades_of_gray_norm=config["shades_of_gray"],
         class_names=dataset.class_names,
     )
-    _check_resume(out, config)
     data_options = dict(skip_bad=config["skip_bad"], cache=config["cache"], seed=config["seed"])
     if config["normalize"]:
         preprocessing = fit_normalization(preprocessing, dataset.splits["train"], config["seed"])

@@ -13,6 +13,7 @@ and the K probabilities; heatmaps are <name>-heatmap-class<k>.png and
     patchnet predict --server localhost:8500 --model patchnet --signature heatmap --out maps a.png
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from patchnet_tf.atomic import check_output_path
-from patchnet_tf.flag_types import nonnegative_int, positive_float, positive_int
+from patchnet_tf.flag_types import host_port, nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import class_colour_map, heatmap_overlay, heatmap_to_gray, output_stems
 
@@ -54,8 +55,10 @@ class Prediction:
 
 def connect(server):
     """A PredictionServiceStub on an insecure channel to host:port."""
-    if ":" not in server:
-        raise PatchNetError(f"--server must be host:port, got {server!r}")
+    try:
+        host_port(server)
+    except argparse.ArgumentTypeError as error:
+        raise PatchNetError(f"--server: {error}") from None
     channel = grpc.insecure_channel(
         server,
         options=[("grpc.max_send_message_length", MAX_MESSAGE),
@@ -198,7 +201,7 @@ def write_heatmaps(predictions, out_dir):
 
 def add_arguments(parser):
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP), sent as encoded bytes")
-    parser.add_argument("--server", default="localhost:8500", help="host:port of the gRPC endpoint")
+    parser.add_argument("--server", type=host_port, default="localhost:8500", help="host:port of the gRPC endpoint")
     parser.add_argument("--model", required=True, help="model name (models.config name)")
     parser.add_argument("--version", type=positive_int, default=None, help="default: the latest served")
     parser.add_argument("--signature", choices=SIGNATURES, default="classify",

@@ -732,10 +732,9 @@ class LocalServer:
         self._server.wait_for_termination()
 
 
-def _check_port_free(host, port):
-    """gRPC prints a native error line of its own before it fails on a busy port: ask the OS first."""
-    if port == 0:
-        return
+def check_port_free(host, port):
+    """gRPC prints a native error line of its own before it fails on a busy port or an address that is
+    not this machine's: ask the OS first (port 0 too, which checks the address)."""
     address = host.strip("[]")
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family) as probe:
@@ -789,7 +788,7 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(core), server)
     rest = None
     try:  # both ports before loading any model: a busy port fails in a second, not after the load
-        _check_port_free(host, port)
+        check_port_free(host, port)
         try:
             bound = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:

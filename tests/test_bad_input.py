@@ -6,7 +6,10 @@ would write to is absent or unchanged afterwards. The cases run two at a time (o
 """
 
 import concurrent.futures
+import glob
+import importlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +39,11 @@ CASES = [
     ("train-padding", ["train", "{data}", "--out", "{new}", "--padding", "reflect"], "--padding", "{new}"),
     ("train-patch-over-image", ["train", "{data}", "--out", "{new}", *TINY, "--patch-size", "33"],
      "--patch-size 33 is larger than the image", "{new}"),
+    ("train-patch-size-even", ["train", "{data}", "--out", "{new}", *TINY, "--patch-size", "8", "--epochs", "1"],
+     "--patch-size 8: centred heatmaps need an odd patch size", "{new}"),
+    ("train-valid-patch-too-small", ["train", "{data}", "--out", "{new}", *TINY, "--padding", "valid",
+                                     "--patch-size", "5", "--conv-layers", "3", "--epochs", "1"],
+     "--padding valid needs --patch-size above 2 x --conv-layers", "{new}"),
     ("train-region-over-image", ["train", "{data}", "--out", "{new}", *TINY, "--region", "40x40"], "--region", "{new}"),
     ("train-missing-data", ["train", "{tmp}/nowhere", "--out", "{new}"], "nowhere: no such data folder", "{new}"),
     ("train-out-is-file", ["train", "{data}", "--out", "{file}", *TINY, "--epochs", "1"], "{file}", "{file}"),
@@ -52,6 +60,8 @@ CASES = [
     ("heatmap-undecodable", ["heatmap", "{junk}", "--model", "{run}", "--out", "{new}"], "junk.png", "{new}"),
     ("heatmap-missing-model", ["heatmap", "{image}", "--model", "{tmp}/none.keras", "--out", "{new}"], "none.keras", "{new}"),
     ("heatmap-truncated-model", ["heatmap", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
+    ("heatmap-preprocessing-not-ours", ["heatmap", "{image}", "--model", "{odd_preprocessing}", "--out", "{new}"],
+     "preprocessing.json: not a preprocessing.json of `patchnet train`", "{new}"),
     ("heatmap-filters-on-cam", ["heatmap", "{image}", "--model", "{cam}", "--out", "{new}", "--filters"],
      "--filters needs a PatchNet", "{new}"),
     ("heatmap-bad-file-in-folder", ["heatmap", "{broken_data}", "--model", "{run}", "--out", "{new}"],
@@ -62,6 +72,8 @@ CASES = [
     ("evaluate-corrupt-config", ["evaluate", "{corrupt_run}", "{data}"], "train_config.json", None),
     ("evaluate-json-is-folder", ["evaluate", "{run}", "{data}", "--json", "{tmp}"], "{tmp}", None),
     ("evaluate-threshold-nan", ["evaluate", "{run}", "{data}", "--threshold", "nan"], "--threshold", None),
+    ("evaluate-missing-mask", ["evaluate", "{run}", "{data}", "--masks", "{tmp}"],
+     "(--skip-unmasked leaves such images out", None),
     ("evaluate-missing-run", ["evaluate", "{tmp}/norun", "{data}"], "norun", None),
     ("evaluate-bad-image", ["evaluate", "{run}", "{split_broken}"], "zz-broken.png", None),
     # --- export and push
@@ -71,25 +83,53 @@ CASES = [
     # --- serve and predict
     ("serve-port-out-of-range", ["serve", "{tmp}", "--port", "70000"], "--port", None),
     ("serve-port-in-use", ["serve", "{base}", "--port", "{busy_port}"], "{busy_port}", None),
+    ("serve-host-not-an-address", ["serve", "{base}", "--port", "0", "--host", "999.1.1.1"], "999.1.1.1", None),
     ("serve-missing-base", ["serve", "{tmp}/nobase", "--port", "0"], "nobase", None),
     ("predict-no-server", ["predict", "{image}", "--model", "tiny", "--server", "127.0.0.1:{free_port}", "--wait", "0.5"],
      "127.0.0.1:{free_port}", None),
+    ("predict-port-out-of-range", ["predict", "{image}", "--model", "tiny", "--server", "localhost:99999", "--wait", "30"],
+     "argument --server: expected host:port with a port from 1 to 65535", None),
     ("predict-missing-image", ["predict", "{tmp}/gone.png", "--model", "tiny", "--server", "127.0.0.1:{free_port}"],
      "gone.png", None),
     ("predict-retries-negative", ["predict", "{image}", "--model", "tiny", "--retries", "-1"], "--retries", None),
     # --- multi-run commands: everything checked before the first run trains
     ("compare-image-too-small", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--image-size", "8", "--masks", "{tmp}"],
      "--image-size", "{new}"),
+    ("compare-cell-too-big", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--image-size", "32",
+                              "--padding", "same", "--masks", "{masks}", "--cell", "100000"], "--cell", "{new}"),
     ("compare-out-is-file", ["compare", "{data}", "--out", "{file}", *TINY_COMPARE, "--masks", "{tmp}"], "{file}", "{file}"),
     ("compare-missing-mask", ["compare", "{data}", "--out", "{new}", *TINY_COMPARE, "--masks", "{tmp}"], "no mask", "{new}"),
-    ("sweep-a-later-patch-too-big", ["sweep", "{data}", "--out", "{new}", *TINY, "--patch-sizes", "3,40"],
-     "40", "{new}"),
+    ("sweep-a-later-patch-too-big", ["sweep", "{data}", "--out", "{new}", *TINY, "--patch-sizes", "3,41"],
+     "--patch-size 41 is larger", "{new}"),
+    ("sweep-a-later-run-cannot-resume", ["sweep", "{data}", "--out", "{sweep_conflict}", *TINY, "--epochs", "1",
+                                         "--archs", "patchnet,cam"],
+     "cam holds a run with different settings", "{sweep_conflict}"),
+    ("sweep-learning-rate-nan", ["sweep", "{data}", "--out", "{new}", *TINY, "--epochs", "1",
+                                 "--learning-rates", "1e-3,nan"], "--learning-rates", "{new}"),
+    ("sweep-same-run-twice", ["sweep", "{data}", "--out", "{new}", *TINY, "--epochs", "1", "--patch-sizes", "9,9"],
+     "same run folder patchnet-9", "{new}"),
+    ("sweep-bad-image", ["sweep", "{broken_data}", "--out", "{new}", *TINY, "--epochs", "1"], "zz-broken.png", "{new}"),
     ("sweep-missing-data", ["sweep", "{tmp}/nowhere", "--out", "{new}"], "nowhere", "{new}"),
+    ("demo-patch-too-big", ["demo", "--out", "{new}", "--epochs", "1", "--patch-size", "99"],
+     "--patch-size 99 is larger than the image", "{new}"),
+    ("demo-port-in-use", ["demo", "--out", "{new}", "--epochs", "1", "--port", "{busy_port}"], "{busy_port}", "{new}"),
     ("demo-out-is-file", ["demo", "--out", "{file}"], "{file}", "{file}"),
     ("export-out-is-file", ["export", "{run}", "--out", "{file}"], "{file}", "{file}"),
     ("predict-out-is-file", ["predict", "{image}", "--model", "tiny", "--signature", "heatmap", "--out", "{file}"],
      "{file}", "{file}"),
+    # --- bulk
+    ("bulk-missing-model", ["bulk", "{image}", "--model", "{tmp}/norun", "--out", "{new}"], "norun", "{new}"),
+    ("bulk-unknown-beam-option", ["bulk", "{image}", "--model", "{run}", "--out", "{new}", "--flink_mastr=host:8081"],
+     "unrecognized arguments: --flink_mastr=host:8081", "{new}"),
+    ("bulk-beam-option-bad-value", ["bulk", "{image}", "--model", "{run}", "--out", "{new}",
+                                    "--direct_num_workers=many"], "--direct_num_workers: invalid int value", "{new}"),
+    ("bulk-truncated-model", ["bulk", "{image}", "--model", "{truncated}", "--out", "{new}"], "model.keras", "{new}"),
+    ("bulk-out-is-file", ["bulk", "{image}", "--model", "{run}", "--out", "{file}"], "{file}: exists and is not a folder",
+     "{file}"),
+    ("bulk-unknown-runner", ["bulk", "{image}", "--model", "{run}", "--out", "{new}", "--runner", "Nope"],
+     "--runner Nope: Unexpected pipeline runner", "{new}"),
     ("textures-root-is-file", ["pipelines.textures", "{file}"], "{file}", "{file}"),
+    ("textures-image-too-small", ["pipelines.textures", "{new}", "--image-size", "2"], "--image-size 2x2", "{new}"),
 ]
 
 
@@ -142,6 +182,17 @@ def places(tmp_path_factory):
     corrupt_run = shutil.copytree(run, tmp / "corrupt-run")
     (corrupt_run / "train_config.json").write_text('{"patch_size": 9,')
     places["corrupt_run"] = str(corrupt_run)
+    odd_preprocessing = shutil.copytree(run, tmp / "odd-preprocessing")
+    (odd_preprocessing / "preprocessing.json").write_text('{"class_names": ["black", "square"]}')  # valid JSON
+    places["odd_preprocessing"] = str(odd_preprocessing)
+    masks = tmp / "masks"  # a mask (the image itself) for every image: compare gets past its mask checks
+    masks.mkdir()
+    for path in sorted(glob.glob(os.path.join(data, "*", "*.png"))):
+        shutil.copy(path, masks)
+    places["masks"] = str(masks)
+    sweep_conflict = tmp / "sweep-conflict"
+    shutil.copytree(run, sweep_conflict / "cam")  # a PatchNet run where the sweep's CAM run would go
+    places["sweep_conflict"] = str(sweep_conflict)
     cam = tmp / "cam"
     cam.mkdir()
     baselines.build("cam", (32, 32, 3), width=1).save(str(cam / "model.keras"))
@@ -158,6 +209,22 @@ def places(tmp_path_factory):
     places["free_port"] = str(_free_port())
     yield places
     busy.close()
+
+
+def _flags_of(command):
+    """Every option string of `patchnet COMMAND` (what its --help lists)."""
+    parser = cli.Parser(prog=f"patchnet {command}")
+    importlib.import_module(cli.COMMANDS[command][0]).add_arguments(parser)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    if command == "bulk":  # and every Beam pipeline option, which bulk passes on
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        flags |= {f"--{name}" for name in PipelineOptions([]).get_all_options()}
+    return flags
+
+
+# A flag named in a message (not a --name=value pattern, which bulk's Beam options are).
+FLAG = re.compile(r"--[a-z][\w-]*\b(?![=\w-])")
 
 
 def _snapshot(path):
@@ -200,3 +267,5 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, n
     assert " error: " in lines[0], lines[0]
     assert expected in lines[0], lines[0]
     assert after == before, f"{watched} changed"
+    if argv[0] in cli.COMMANDS:  # rule 4: never suggest a flag the command does not have
+        assert set(FLAG.findall(lines[0])) <= _flags_of(argv[0]), lines[0]

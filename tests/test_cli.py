@@ -312,3 +312,38 @@ def test_history_rows_beyond_the_backup_are_dropped(tmp_path):
     history.write_text("epoch,loss\n0,0.9\n1,0.8\n2,0.7\n")
     trim_csv_log(str(history), str(tmp_path / "backup"))
     assert history.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"
+
+
+@pytest.fixture
+def dataset_run(tmp_path, dataset):
+    """A tiny untrained run whose classes are the dataset's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    build_patchnet(9, filters=4, conv_layers=2).save(str(run / "model.keras"))
+    Preprocessing(image_size=(32, 32), class_names=tuple(sorted(os.listdir(dataset)))).save(str(run))
+    return str(run)
+
+
+def _never(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran before the bad input was checked")
+
+    return fail
+
+
+def test_evaluate_checks_the_masks_before_predicting(capsys, monkeypatch, dataset, dataset_run, tmp_path):
+    from pipelines import evaluate
+
+    monkeypatch.setattr(evaluate, "predict", _never("predict"))
+    code, _, err = patchnet(capsys, "evaluate", dataset_run, dataset, "--masks", str(tmp_path / "none"))
+    assert code == 2 and err.strip() == f"patchnet evaluate: error: {tmp_path / 'none'}: no such mask folder"
+
+
+def test_push_checks_the_data_before_exporting(capsys, monkeypatch, dataset_run, tmp_path):
+    from pipelines import push
+
+    monkeypatch.setattr(push, "export_saved_model", _never("export"))
+    code, _, err = patchnet(capsys, "push", dataset_run, "--base", str(tmp_path / "base" / "m"),
+                            "--data", str(tmp_path / "nowhere"))
+    assert code == 2 and f"{tmp_path / 'nowhere'}: no such data folder" in err, err
+    assert not (tmp_path / "base").exists()

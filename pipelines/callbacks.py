@@ -151,7 +151,35 @@ class EpochSeconds(keras.callbacks.Callback):
             logs["seconds"] = time.perf_counter() - self._start
 
 
-class TensorBoardHeatmaps(keras.callbacks.Callback):
+class PeriodicImageSummaries(keras.callbacks.Callback):
+    """Every `every` epochs (0: never), `write(epoch)` logs images into `log_dir` with tf.summary;
+    the file writer is opened on first use and closed when training ends."""
+
+    def __init__(self, log_dir, every):
+        super().__init__()
+        self.log_dir = log_dir
+        self.every = int(every)
+        self._writer = None
+
+    def write(self, epoch):
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every < 1 or (epoch + 1) % self.every:
+            return
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        with self._writer.as_default():
+            self.write(epoch)  # step = epoch, the step Keras' TensorBoard uses
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TensorBoardHeatmaps(PeriodicImageSummaries):
     """Every `every` epochs, logs a fixed set of images with their heatmaps (tf.summary.image).
 
     Each logged picture is [image | heatmap (white = class 1) | overlay], so
@@ -163,20 +191,15 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
     def __init__(self, log_dir, images, labels=None, *, every=5, stride=1, name="heatmaps", display_images=None,
                  class_names=None):
         """`images` are model inputs; `display_images` the [0, 1] pictures they come from (default: the same)."""
-        super().__init__()
+        super().__init__(log_dir, every)
         self.class_names = None if class_names is None else list(class_names)
-        self.writer_dir = log_dir
         self.images = np.asarray(images, np.float32)
         self.display_images = self.images if display_images is None else np.asarray(display_images, np.float32)
         self.labels = None if labels is None else np.asarray(labels).reshape(-1)
-        self.every = int(every)
         self.stride = int(stride)
         self.name = name
-        self._writer = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every < 1 or (epoch + 1) % self.every:
-            return
+    def write(self, epoch):
         from patchnet_tf.heatmaps import heatmap, heatmap_overlay, heatmap_to_gray
 
         import cv2
@@ -194,38 +217,23 @@ class TensorBoardHeatmaps(keras.callbacks.Callback):
             overlay = cv2.cvtColor(heatmap_overlay(rgb, heat), cv2.COLOR_BGR2RGB) / 255.0
             return np.concatenate([rgb, gray, overlay], axis=1)[None].astype(np.float32)
 
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.writer_dir)
-        with self._writer.as_default():
-            for index, (image, image_maps) in enumerate(zip(self.display_images, maps)):
-                label = "" if self.labels is None else f"-class{int(self.labels[index])}"
-                for klass in range(image_maps.shape[-1]):
-                    folder = f"{self.name}/{class_names[klass]}" if per_class else self.name
-                    tf.summary.image(f"{folder}/{index:02d}{label}", picture(image, image_maps[..., klass]),
-                                     step=epoch)  # the step Keras' TensorBoard uses
-        self._writer.flush()
-
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        for index, (image, image_maps) in enumerate(zip(self.display_images, maps)):
+            label = "" if self.labels is None else f"-class{int(self.labels[index])}"
+            for klass in range(image_maps.shape[-1]):
+                folder = f"{self.name}/{class_names[klass]}" if per_class else self.name
+                tf.summary.image(f"{folder}/{index:02d}{label}", picture(image, image_maps[..., klass]), step=epoch)
 
 
-class TensorBoardConfusionMatrix(keras.callbacks.Callback):
+class TensorBoardConfusionMatrix(PeriodicImageSummaries):
     """Every `every` epochs, the validation confusion matrix as a TensorBoard image (K-class runs)."""
 
     def __init__(self, log_dir, val_data, class_names, *, every=5):
-        super().__init__()
-        self.log_dir = log_dir
+        super().__init__(log_dir, every)
         self.val_data = val_data
         self.class_names = list(class_names)
-        self.every = int(every)
         self._labels = None
-        self._writer = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every < 1 or (epoch + 1) % self.every:
-            return
+    def write(self, epoch):
         from patchnet_tf.metrics import confusion_matrix, confusion_matrix_image
 
         if self._labels is None:
@@ -233,17 +241,8 @@ class TensorBoardConfusionMatrix(keras.callbacks.Callback):
         probabilities = inference_model(self.model).predict(self.val_data.map(lambda images, _: images), verbose=0)
         matrix = confusion_matrix(self._labels, probabilities.argmax(-1), len(self.class_names))
         names = ", ".join(f"{index} {name}" for index, name in enumerate(self.class_names))
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
-        with self._writer.as_default():
-            tf.summary.image("confusion_matrix", confusion_matrix_image(matrix, self.class_names)[None], step=epoch,
-                             description=f"validation; rows true, columns predicted class: {names}")
-        self._writer.flush()
-
-    def on_train_end(self, logs=None):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        tf.summary.image("confusion_matrix", confusion_matrix_image(matrix, self.class_names)[None], step=epoch,
+                         description=f"validation; rows true, columns predicted class: {names}")
 
 
 def backed_up_epochs(backup_dir):

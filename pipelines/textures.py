@@ -197,8 +197,8 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, vari
             for index in range(counts.get(split, 0)):
                 image, mask = texture_example(seed, split, inlay, index, image_size, variant=variant, tint=tint)
                 stem = f"{class_name}-{split}-{index:04d}"
-                _write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])  # RGB -> BGR; grey stays
-                _write_png(os.path.join(root, "masks", stem + ".png"), mask)
+                write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])  # RGB -> BGR; grey stays
+                write_png(os.path.join(root, "masks", stem + ".png"), mask)
     return root
 
 
@@ -215,12 +215,12 @@ def _write_three_classes(root, image_size, counts, seed, tint):
             for index in range(counts.get(split, 0)):
                 image, mask = three_class_example(seed, split, label, index, image_size, tint=tint)
                 stem = f"{class_name}-{split}-{index:04d}"
-                _write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])
+                write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])
                 for name in inlays:  # every image has a mask per inlay class: black unless it is that class
-                    _write_png(os.path.join(root, "masks", name, stem + ".png"), mask if name == class_name else blank)
+                    write_png(os.path.join(root, "masks", name, stem + ".png"), mask if name == class_name else blank)
 
 
-def _write_png(path, array):
+def write_png(path, array):
     with atomic_path(path) as temporary:
         if not cv2.imwrite(temporary, array):
             raise OSError(f"{path}: could not write")

@@ -42,6 +42,7 @@ from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
 from pipelines import evaluate as evaluation
 from pipelines.data import load_dataset
+from pipelines.presets import CPU, cpu_stride
 
 ARCHS = ("patchnet", "cam", "vgg11")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
@@ -56,12 +57,12 @@ def add_arguments(parser):
     parser.add_argument("--no-train", action="store_true", help="only load the three runs in --out")
     group = parser.add_argument_group("training (the `patchnet train` flags of all three runs)")
     group.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    group.add_argument("--epochs", type=positive_int, default=150, help="most epochs per model")
-    group.add_argument("--patience", type=positive_int, default=20,
+    group.add_argument("--epochs", type=positive_int, default=CPU["epochs"], help="most epochs per model")
+    group.add_argument("--patience", type=positive_int, default=CPU["patience"],
                        help="counted once the training loss has left ln 2 (as `patchnet train`)")
-    group.add_argument("--learning-rate", type=positive_float, default=3e-3,
+    group.add_argument("--learning-rate", type=positive_float, default=CPU["learning_rate"],
                        help="PatchNet's Adam learning rate (paper: 1e-4 over hundreds of epochs)")
-    group.add_argument("--batch-size", type=positive_int, default=8, help="PatchNet's batch (paper: 4)")
+    group.add_argument("--batch-size", type=positive_int, default=CPU["batch_size"], help="PatchNet's batch (paper: 4)")
     group.add_argument("--baseline-batch-size", type=positive_int, default=16,
                        help="CAM and VGG-11 batch (paper: 64)")
     group.add_argument("--baseline-learning-rate", type=positive_float, default=3e-4,
@@ -74,12 +75,14 @@ def add_arguments(parser):
     group.add_argument("--stop-at-perfect-accuracy", action="store_true",
                        help="the paper's second stopping rule (as `patchnet train`)")
     group = parser.add_argument_group("PatchNet")
-    group.add_argument("--patch-size", type=positive_int, default=15, help="PatchNet patch side in pixels, odd")
-    group.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
-    group.add_argument("--padding", choices=("same", "valid"), default="valid",
+    group.add_argument("--patch-size", type=positive_int, default=CPU["patch_size"], help="PatchNet patch side in pixels, odd")
+    group.add_argument("--stride", type=positive_int, default=None,
+                       help="training patch stride (default: 3 for valid padding, overlapping patches computed "
+                       "fully convolutionally; the patch size for same padding, as the paper)")
+    group.add_argument("--padding", choices=("same", "valid"), default=CPU["padding"],
                        help="valid: exact one-pass heatmaps (docs/padding.md); same: the paper's subnet")
-    group.add_argument("--filters", type=positive_int, default=16, help="PatchNet filters per conv layer")
-    group.add_argument("--conv-layers", type=positive_int, default=3, help="PatchNet conv layers")
+    group.add_argument("--filters", type=positive_int, default=CPU["filters"], help="PatchNet filters per conv layer")
+    group.add_argument("--conv-layers", type=positive_int, default=CPU["conv_layers"], help="PatchNet conv layers")
     group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
                        help="train without patches that hang over the image border (as `patchnet train`)")
     group = parser.add_argument_group("maps and figure")
@@ -115,7 +118,7 @@ def run_configs(args):
             config.update(
                 batch_size=args.batch_size,
                 patch_size=args.patch_size,
-                stride=args.stride,
+                stride=args.stride or cpu_stride(args.padding),
                 padding=args.padding,
                 filters=args.filters,
                 conv_layers=args.conv_layers,

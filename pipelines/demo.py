@@ -12,6 +12,7 @@ import time
 from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import image_size, nonnegative_int, port_number, positive_int
 from patchnet_tf.metrics import format_number, format_percent
+from pipelines.presets import CPU, cpu_stride
 
 MODEL_NAME = "patchnet"
 HOST = "127.0.0.1"  # the local server's address
@@ -20,9 +21,9 @@ HOST = "127.0.0.1"  # the local server's address
 def add_arguments(parser):
     parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
     parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    parser.add_argument("--epochs", type=positive_int, default=150, help="most training epochs")
-    parser.add_argument("--patch-size", type=positive_int, default=15, help="patch side in pixels, odd")
-    parser.add_argument("--padding", choices=("same", "valid"), default="valid",
+    parser.add_argument("--epochs", type=positive_int, default=CPU["epochs"], help="most training epochs")
+    parser.add_argument("--patch-size", type=positive_int, default=CPU["patch_size"], help="patch side in pixels, odd")
+    parser.add_argument("--padding", choices=("same", "valid"), default=CPU["padding"],
                         help="valid: exact one-pass heatmaps; same: the paper's subnet")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the data and the training")
     parser.add_argument("--port", type=port_number, default=0, help="local server port (0: a free one)")
@@ -54,11 +55,9 @@ def run(args):
     data, run_dir = os.path.join(out, "data"), os.path.join(out, "run")
     # `patchnet compare`'s PatchNet: a CPU-sized subnet (the paper's is 7 x 64); every other
     # flag (normalization, border patches, patience after the plateau) is `patchnet train`'s default.
-    config = {
-        "data": data, "out": run_dir, "patch_size": args.patch_size, "padding": args.padding,
-        "filters": 16, "conv_layers": 3, "image_size": args.image_size, "batch_size": 8,
-        "epochs": args.epochs, "learning_rate": 3e-3, "patience": 20, "seed": args.seed,
-    }
+    config = {**CPU, "data": data, "out": run_dir, "patch_size": args.patch_size, "padding": args.padding,
+              "stride": cpu_stride(args.padding), "image_size": args.image_size, "epochs": args.epochs,
+              "seed": args.seed}
     # Every flag before the dataset is written, and the port the server takes after training.
     check_flags(config)
     check_port_free(HOST, args.port)

@@ -137,8 +137,8 @@ def small_digits_run(tmp_path_factory):
 
 def test_default_maps_put_the_heat_on_the_target_digits_not_on_the_distractors(small_digits_run):
     """Sparse evidence: a few strokes of 4 among 9s. With disjoint training patches (the paper's
-    stride, compare's old default) this run stays on the ln 2 plateau (target ink 0.46, mask
-    AUROC 0.51); training on every centred patch finds the 4s."""
+    stride, compare's default before the CPU preset) this run stays on the ln 2 plateau (target
+    ink 0.46, mask AUROC 0.51); overlapping training patches find the 4s."""
     from patchnet_tf.metrics import mask_metrics
 
     images, maps, target = small_digits_run

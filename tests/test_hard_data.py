@@ -18,6 +18,7 @@ from patchnet_tf.runs import load_trained_model
 from pipelines.callbacks import EarlyStoppingAfterPlateau
 from pipelines.data import image_dataset, load_folder_dataset
 from pipelines.evaluate import evaluate
+from pipelines.presets import CPU
 from pipelines.export import export_saved_model
 from pipelines.textures import write_texture_dataset
 from pipelines.train import train
@@ -25,8 +26,7 @@ from serving.loader import LoadedModel
 
 # `patchnet compare`'s PatchNet on the bundled grey data: a CPU-sized subnet with
 # `patchnet train`'s stopping, normalization and border defaults.
-SMALL = dict(patch_size=15, padding="valid", filters=16, conv_layers=3, image_size=(64, 64),
-             batch_size=8, learning_rate=3e-3, patience=20, epochs=150, heatmap_every=0)
+SMALL = dict(CPU, image_size=(64, 64), heatmap_every=0)
 
 
 @pytest.fixture(scope="module")

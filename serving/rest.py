@@ -3,7 +3,7 @@
 As tensorflow_model_server's HTTP handler does (model_servers/
 http_rest_api_handler.cc, util/json_tensor.cc), each call is translated
 into the gRPC request proto and answered by the same code as gRPC
-(`serving.server.predict`, `get_model_metadata`, `get_model_status`), so
+(`serving.handlers`), so
 codes and messages are the same on both ports:
 
     GET  /v1/models/NAME[/versions/N | /labels/L]             model status
@@ -32,8 +32,9 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from patchnet_tf.errors import PatchNetError
-from serving import server as handlers
-from serving.loader import DEFAULT_SIGNATURE, SignatureError, _type_name
+from serving import handlers
+from serving.errors import ServingError
+from serving.loader import DEFAULT_SIGNATURE, _type_name
 
 LOG = logging.getLogger("patchnet.rest")
 
@@ -60,7 +61,7 @@ INT_RANGES = {  # the integer JSON values rapidjson's IsInt / IsInt64 / IsUint /
 
 
 def invalid(message):
-    return SignatureError("INVALID_ARGUMENT", message)
+    return ServingError("INVALID_ARGUMENT", message)
 
 
 # ---- JSON request -> PredictRequest (json_tensor.cc FillPredictRequestFromJson) ----
@@ -160,7 +161,7 @@ def _convert_value(value, dtype):
         if not isinstance(value, bool):
             raise _type_error(value, dtype)
         return value
-    raise SignatureError("UNIMPLEMENTED", f"Conversion of JSON Value: {debug_string(value)} "
+    raise ServingError("UNIMPLEMENTED", f"Conversion of JSON Value: {debug_string(value)} "
                                           f"to type: {_type_name(dtype)}")
 
 
@@ -248,7 +249,7 @@ def _inputs_from_instances(instances, infos):
             for name, item in element.items():
                 try:
                     add(item, name)
-                except SignatureError as error:
+                except ServingError as error:
                     raise invalid(f"Failed to process element: {index} key: {name} of 'instances' list. "
                                   f"Error: {_status_text(error)}") from None
             if set(element) != set(infos):
@@ -260,7 +261,7 @@ def _inputs_from_instances(instances, infos):
             name = next(iter(infos))
             try:
                 add(element, name)
-            except SignatureError as error:
+            except ServingError as error:
                 raise invalid(f"Failed to process element: {index} of 'instances' list. "
                               f"Error: {_status_text(error)}") from None
     return {name: _tensor_proto(values[name], [len(instances), *shapes[name]], infos[name]) for name in values}
@@ -442,7 +443,7 @@ def handle(core, method, path, body, run=None):
     """(HTTP status, JSON text) for one REST call."""
     try:
         return 200, _dispatch(core, method, path, body, run)
-    except SignatureError as error:
+    except ServingError as error:
         return HTTP_STATUS.get(error.code, 500), error_json(error.message)
     except Exception as error:  # a bug must cost one request an INTERNAL answer, never the connection
         LOG.exception("REST %s %s failed", method, path)
@@ -461,7 +462,7 @@ def _dispatch(core, method, path, body, run):
             request, layout = predict_request(core, spec, body)
             return response_json(handlers.predict(core, request, run), layout)
         if verb in ("classify", "regress"):
-            raise SignatureError("UNIMPLEMENTED", f":{verb} needs a {verb} signature; PatchNet's signatures "
+            raise ServingError("UNIMPLEMENTED", f":{verb} needs a {verb} signature; PatchNet's signatures "
                                                   "are predict signatures (use :predict)")
         raise malformed
     if method == "GET":

@@ -1,4 +1,4 @@
-"""TF Serving's REST API (`--rest_api_port`) for the local server, on the standard library's HTTP server.
+"""TF Serving's REST API (`--rest_api_port`) for the local server, on uvicorn and Starlette.
 
 As tensorflow_model_server's HTTP handler does (model_servers/
 http_rest_api_handler.cc, util/json_tensor.cc), each call is translated
@@ -17,18 +17,25 @@ string outputs whose name ends in `_bytes` as `{"b64": ...}`; errors are
 `{"error": "..."}` with TF Serving's HTTP status for the gRPC code.
 """
 
+import asyncio
 import base64
 import binascii
-import http.server
 import json
 import logging
 import re
+import socket
 import threading
 import urllib.parse
 
 import numpy as np
 import tensorflow as tf
+import uvicorn
 from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.routing import Route
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
 from patchnet_tf.errors import PatchNetError
@@ -43,6 +50,7 @@ PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I)
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I)
+BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 HANDLED_PATH = re.compile(r"/v1/.*", re.I)  # anything else is not the REST API's: plain 404
 
 # http_server.cc ToHTTPStatusCode
@@ -52,6 +60,7 @@ HTTP_STATUS = {
     "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
     "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
 }
+MAX_RANK = 64  # numpy's NPY_MAXDIMS: no array (so no input here) has more dimensions
 DEBUG_STRING_LIMIT = 256  # json_tensor.cc kMaxJsonDebugStringBytes
 INT_RANGES = {  # the integer JSON values rapidjson's IsInt / IsInt64 / IsUint / IsUint64 accept
     tf.int32: (-2**31, 2**31 - 1), tf.int16: (-2**31, 2**31 - 1), tf.int8: (-2**31, 2**31 - 1),
@@ -165,14 +174,17 @@ def _convert_value(value, dtype):
                                           f"to type: {_type_name(dtype)}")
 
 
-def _dense_shape(value):
-    """GetDenseTensorShape: the sizes of the first element at each nesting level."""
+def _dense_shape(value, name):
+    """GetDenseTensorShape: the sizes of the first element at each nesting level. More levels than an
+    array can have get TF Serving's answer to a tensor it cannot build."""
     shape = []
     while isinstance(value, list):
         shape.append(len(value))
         if not value:
             break
         value = value[0]
+    if len(shape) >= MAX_RANK:  # the batch dimension comes on top in the row format
+        raise invalid(f"tensor parsing error: {name}: lists nested {len(shape)} deep (at most {MAX_RANK - 1})")
     return shape
 
 
@@ -228,7 +240,7 @@ def _inputs_from_instances(instances, infos):
     def add(item, name):
         if name not in infos:
             raise invalid(f"JSON object: does not have named input: {name}")
-        shape = _dense_shape(item)
+        shape = _dense_shape(item, name)
         collected = []
         _fill(item, 0, infos[name], shape, collected)
         if name not in shapes:
@@ -278,7 +290,7 @@ def _inputs_from_columns(columns, infos):
     for name, dtype in infos.items():
         if name not in columns:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
-        shape = _dense_shape(columns[name])
+        shape = _dense_shape(columns[name], name)
         collected = []
         _fill(columns[name], 0, dtype, shape, collected)
         tensors[name] = _tensor_proto(collected, shape, dtype)
@@ -287,12 +299,19 @@ def _inputs_from_columns(columns, infos):
 
 def parse_json(body):
     """ParseJson: the request document, which must be an object (trailing data is ignored, as rapidjson's
-    kParseStopWhenDoneFlag does; NaN and Infinity are accepted)."""
-    text = body.decode("utf-8", "surrogateescape")
+    kParseStopWhenDoneFlag does; NaN and Infinity are accepted; any depth, as its kParseIterativeFlag)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:  # rapidjson's words for it
+        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
     if not text.strip():
         raise invalid("JSON Parse error: The document is empty")
+    start = len(text) - len(text.lstrip())
     try:
-        document, _ = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+        try:
+            document, _ = json.JSONDecoder().raw_decode(text, start)
+        except RecursionError:  # nested deeper than Python's recursion limit: parse it without recursion
+            document = _parse_nested(text, start)
     except json.JSONDecodeError as error:
         raise invalid(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
     if not isinstance(document, dict):
@@ -300,16 +319,95 @@ def parse_json(body):
     return document
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None, "NaN": float("nan"), "Infinity": float("inf"),
+             "-Infinity": float("-inf")}
+
+
+def _parse_nested(text, pos):
+    """The JSON value at `pos`, as json.JSONDecoder.raw_decode gives it, parsed with an explicit stack
+    instead of recursion, so that any depth parses (TF Serving's tests send 500,000 levels)."""
+    open_containers = []  # [container, key of the member being parsed (objects)]
+
+    def skip(at):
+        return _WHITESPACE.match(text, at).end()
+
+    def key(at):
+        at = skip(at)
+        if text[at:at + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
+        name, at = json.decoder.scanstring(text, at + 1)
+        at = skip(at)
+        if text[at:at + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
+        return name, at + 1
+
+    while True:
+        pos = skip(pos)
+        char = text[pos:pos + 1]
+        if char in ("{", "["):
+            container, closing = ({}, "}") if char == "{" else ([], "]")
+            pos = skip(pos + 1)
+            if text[pos:pos + 1] != closing:
+                open_containers.append([container, None])
+                if char == "{":
+                    open_containers[-1][1], pos = key(pos)
+                continue
+            value, pos = container, pos + 1
+        elif char == '"':
+            value, pos = json.decoder.scanstring(text, pos + 1)
+        else:
+            literal = next((word for word in _LITERALS if text.startswith(word, pos)), None)
+            number = _NUMBER.match(text, pos)
+            if literal is not None:
+                value, pos = _LITERALS[literal], pos + len(literal)
+            elif number:
+                value = float(number.group()) if number.group(1) or number.group(2) else int(number.group())
+                pos = number.end()
+            else:
+                raise json.JSONDecodeError("Expecting value", text, pos)
+        while True:  # put the value in its container; close the containers that end here
+            if not open_containers:
+                return value
+            container, name = open_containers[-1]
+            if isinstance(container, dict):
+                container[name] = value
+            else:
+                container.append(value)
+            pos = skip(pos)
+            char = text[pos:pos + 1]
+            if char == ",":
+                if isinstance(container, dict):
+                    open_containers[-1][1], pos = key(pos + 1)
+                else:
+                    pos += 1
+                break
+            if char != ("}" if isinstance(container, dict) else "]"):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            value, pos = container, pos + 1
+            open_containers.pop()
+
+
+def _fill_signature(document, model_spec):
+    """FillSignature: the optional "signature_name" into the ModelSpec."""
+    if "signature_name" not in document:
+        return
+    if not isinstance(document["signature_name"], str):
+        raise invalid(f"JSON Value: {debug_string(document)} not formatted correctly. "
+                      "'signature_name' key must be a string value.")
+    try:
+        model_spec.signature_name = document["signature_name"]
+    except (UnicodeEncodeError, ValueError):  # a lone \\ud800 escape: no UTF-8 string (rapidjson's words)
+        raise invalid("JSON Parse error: The surrogate pair in string is invalid.") from None
+
+
 def predict_request(core, model_spec, body):
     """FillPredictRequestFromJson: (PredictRequest, "row" or "columnar")."""
     document = parse_json(body)
     request = predict_pb2.PredictRequest()
     request.model_spec.CopyFrom(model_spec)
-    if "signature_name" in document:
-        if not isinstance(document["signature_name"], str):
-            raise invalid(f"JSON Value: {debug_string(document)} not formatted correctly. "
-                          "'signature_name' key must be a string value.")
-        request.model_spec.signature_name = document["signature_name"]
+    _fill_signature(document, request.model_spec)
     # GetInfoMap: the signature's input dtypes decide how JSON values convert.
     _, model = core.get(request.model_spec)
     signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
@@ -428,6 +526,10 @@ def error_json(message):
 def _model_spec(name, version, label):
     """FillModelSpecWithNameVersionAndLabel, after ParseModelInfo's decoding."""
     spec = model_pb2.ModelSpec()
+    if BAD_ESCAPE.search(name or ""):  # libevent refuses such a URL with 400 before TF Serving sees it
+        raise invalid(f"Failed to decode model name:{name}")
+    if BAD_ESCAPE.search(label or ""):
+        raise invalid(f"Failed to decode model version label:{label}")
     spec.name = urllib.parse.unquote(name or "")
     if version:
         number = int(version)
@@ -497,98 +599,102 @@ def _metadata_json(response):
            f'{as_json(signature_map)}}}\n}}\n'
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
-    server_version = "patchnet-serve"
-
-    def _answer(self):
-        rest = self.server.rest
-        with rest.in_flight:
-            rest.requests += 1
-        try:
-            path = urllib.parse.urlsplit(self.path).path
-            body = self._body()
-            if body is None:
-                return
-            if not HANDLED_PATH.fullmatch(path):
-                self._send(404, "Not Found", "text/plain")
-                return
-            if self.command == "OPTIONS":  # CORS preflight, as http_server.cc answers it
-                if re.search(r"https?://", self.headers.get("Origin", "")):
-                    self._send(200, "")
-                else:
-                    self._send(400, error_json("Origin header is missing in CORS preflight"))
-                return
-            status, text = handle(rest.core, self.command, path, body, rest.run)
-            self._send(status, text)
-        finally:
-            with rest.in_flight:
-                rest.requests -= 1
-                rest.in_flight.notify_all()
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
-
-    def _body(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self._send(400, error_json("Content-Length is not a number"))
-            return None
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _send(self, status, text, content_type="application/json"):
-        data = text.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format, *args):
-        LOG.debug("%s %s", self.address_string(), format % args)
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # idle keep-alive connections must not hold up a stop
-    request_queue_size = 1024  # socketserver's 5 resets connections when many clients connect at once
-
-
 class RestServer:
-    """The REST front end of a local server: `.port`, `.start()`, `.stop()`."""
+    """The REST front end of a local server on uvicorn (HTTP/1.1: parsing, chunking, keep-alive) with a
+    Starlette app, the stack KServe's Python model server uses: `.port`, `.start()`, `.stop()`.
 
-    def __init__(self, core, host, port, run=None):
+    The body is refused before it is read when its Content-Length (or, chunked, the bytes received so
+    far) exceeds `max_body_bytes`, the same cap as gRPC's --max-message-bytes, with gRPC's message.
+    """
+
+    def __init__(self, core, host, port, run=None, max_body_bytes=2**31 - 1):
         self.core = core
         self.run = run
-        self.in_flight = threading.Condition()
-        self.requests = 0
+        self.max_body_bytes = max_body_bytes
+        self.body_idle_seconds = BODY_IDLE_SECONDS
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        self._socket = socket.socket(family)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:  # bound now, before any model loads, like the gRPC port
-            self._server = _HTTPServer((host, port), _Handler)
+            self._socket.bind((host.strip("[]"), port))
         except OSError as error:
+            self._socket.close()
             raise PatchNetError(f"cannot bind {host}:{port} for the REST API ({error.strerror})") from None
-        self._server.rest = self
-        self.port = self._server.server_address[1]
+        self.port = self._socket.getsockname()[1]
+        app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=HTTP_METHODS)])
+        # Keep-alive connections idle longer than a minute are closed; TF Serving's libevent server has no
+        # such timeout, but an idle client pool reconnects transparently.
+        config = uvicorn.Config(app, http="h11", lifespan="off", access_log=False, log_level="warning",
+                                timeout_keep_alive=60, backlog=1024, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
         self._thread = None
 
+    async def _endpoint(self, request):
+        path = request.scope["raw_path"].decode("latin-1")  # TF Serving matches the undecoded path
+        if not HANDLED_PATH.fullmatch(path):
+            return Response("Not Found", 404, media_type="text/plain")
+        try:
+            body = await read_body(request, self.max_body_bytes, self.body_idle_seconds)
+        except ServingError as error:  # the rest of the body is not read: close the connection after the answer
+            response = error_response(error.code, error.message)
+            response.headers["connection"] = "close"
+            return response
+        except ClientDisconnect:  # a bad chunk: uvicorn has answered 400 and closed the connection
+            return Response(status_code=400)
+        if request.method == "OPTIONS":  # CORS preflight, as http_server.cc answers it
+            if re.search(r"https?://", request.headers.get("origin", "")):
+                return Response("", 200, media_type="application/json")
+            return error_response("FAILED_PRECONDITION", "Origin header is missing in CORS preflight")
+        status, text = await run_in_threadpool(handle, self.core, request.method, path, body, self.run)
+        return Response(text, status, media_type="application/json")
+
     def start(self):
-        self._thread = threading.Thread(target=self._server.serve_forever, name="rest", daemon=True)
+        self._socket.listen(1024)  # connections wait in the backlog until uvicorn's loop accepts them
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, name="rest",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, grace=5.0):
         """Stops accepting, waits up to `grace` seconds for calls in flight, closes the socket."""
         if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        with self.in_flight:
-            self.in_flight.wait_for(lambda: self.requests == 0, timeout=grace)
-        self._server.server_close()
+            self._server.should_exit = True
+            self._thread.join(grace + 5)
+        self._socket.close()
+
+
+BODY_IDLE_SECONDS = 30.0
+HTTP_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+
+
+def error_response(code, message):
+    """`{"error": message}` with the HTTP status TF Serving gives the gRPC code; before the handler, 413 for
+    a body over the cap and 408 for one that stopped arriving."""
+    status = {"RESOURCE_EXHAUSTED": 413, "DEADLINE_EXCEEDED": 408}.get(code) or HTTP_STATUS.get(code, 500)
+    return Response(error_json(message), status, media_type="application/json")
+
+
+async def read_body(request, limit, idle_seconds):
+    """The request body, refused with gRPC's RESOURCE_EXHAUSTED message before it is read when its
+    Content-Length is over `limit`, or as soon as more than `limit` bytes of a chunked body arrived; a body
+    that stops arriving for `idle_seconds` (a chunk announced and never sent) is refused too."""
+    length = request.headers.get("content-length")
+    if length is not None and int(length) > limit:  # h11 has refused a Content-Length that is not a number
+        raise ServingError("RESOURCE_EXHAUSTED", too_large(int(length), limit))
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_seconds)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ServingError("DEADLINE_EXCEEDED", f"no request body bytes arrived for {idle_seconds:g} s; "
+                                                    f"{size} of the body received") from None
+        size += len(chunk)
+        if size > limit:
+            raise ServingError("RESOURCE_EXHAUSTED", too_large(size, limit))
+        chunks.append(chunk)
+
+
+def too_large(size, limit):
+    return f"SERVER: Received message larger than max ({size} vs. {limit})"  # gRPC core's words for the same cap

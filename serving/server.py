@@ -225,7 +225,7 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
         if not bound:
             raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
         if rest_api_port is not None:
-            rest = RestServer(core, host, rest_api_port, run=run)
+            rest = RestServer(core, host, rest_api_port, run=run, max_body_bytes=max_message_bytes)
         core.reload_config(config)
     except PatchNetError as error:
         server.stop(0)

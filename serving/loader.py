@@ -36,10 +36,9 @@ class LoadedModel:
         # silence(): the TF1 loader's deprecation notice; TF Serving's C++ loader is this loader.
         with self.graph.as_default(), deprecation.silence():
             meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], export_dir)
-        self.signatures = {
-            name: signature
-            for name, signature in meta_graph.signature_def.items()
-            if not name.startswith("__")  # __saved_model_init_op is not callable
+        self.signature_defs = dict(meta_graph.signature_def)  # all, as GetModelMetadata lists them
+        self.signatures = {  # the callable ones: __saved_model_init_op is not
+            name: signature for name, signature in self.signature_defs.items() if not name.startswith("__")
         }
         self._closed = False
         self._retired = False

@@ -36,7 +36,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
+from tensorflow_serving.apis import (
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
+)
 
 from patchnet_tf.errors import PatchNetError
 from serving import handlers
@@ -61,6 +63,8 @@ HTTP_STATUS = {
     "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
 }
 MAX_RANK = 64  # numpy's NPY_MAXDIMS: no array (so no input here) has more dimensions
+JSON_WRITABLE = {tf.float32, tf.float64, tf.int32, tf.int16, tf.int8, tf.uint8, tf.string, tf.int64, tf.bool,
+                 tf.uint32, tf.uint64}  # the dtypes json_tensor.cc writes; others are an error
 DEBUG_STRING_LIMIT = 256  # json_tensor.cc kMaxJsonDebugStringBytes
 INT_RANGES = {  # the integer JSON values rapidjson's IsInt / IsInt64 / IsUint / IsUint64 accept
     tf.int32: (-2**31, 2**31 - 1), tf.int16: (-2**31, 2**31 - 1), tf.int8: (-2**31, 2**31 - 1),
@@ -312,6 +316,8 @@ def parse_json(body):
             document, _ = json.JSONDecoder().raw_decode(text, start)
         except RecursionError:  # nested deeper than Python's recursion limit: parse it without recursion
             document = _parse_nested(text, start)
+        except json.JSONDecodeError:  # parse again for rapidjson's words of the error
+            document = _parse_nested(text, start)
     except json.JSONDecodeError as error:
         raise invalid(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
     if not isinstance(document, dict):
@@ -325,9 +331,27 @@ _LITERALS = {"true": True, "false": False, "null": None, "NaN": float("nan"), "I
              "-Infinity": float("-inf")}
 
 
+# Python's json messages for bad strings, in rapidjson's words (rapidjson/error/en.h)
+_STRING_ERRORS = {"Unterminated string": "Missing a closing quotation mark in string.",
+                  "Invalid control character": "Invalid encoding in string.",
+                  "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+                  "Invalid \\escape": "Invalid escape character in string."}
+
+
+def _scan_string(text, pos):
+    """json's string scanner at the character after the opening quote; errors in rapidjson's words."""
+    try:
+        return json.decoder.scanstring(text, pos)
+    except json.JSONDecodeError as error:
+        message = next((words for prefix, words in _STRING_ERRORS.items() if error.msg.startswith(prefix)),
+                       error.msg)
+        raise json.JSONDecodeError(message, text, error.pos) from None
+
+
 def _parse_nested(text, pos):
     """The JSON value at `pos`, as json.JSONDecoder.raw_decode gives it, parsed with an explicit stack
-    instead of recursion, so that any depth parses (TF Serving's tests send 500,000 levels)."""
+    instead of recursion, so that any depth parses (TF Serving's tests send 500,000 levels). Errors
+    carry rapidjson's words, as TF Serving's messages do."""
     open_containers = []  # [container, key of the member being parsed (objects)]
 
     def skip(at):
@@ -336,11 +360,11 @@ def _parse_nested(text, pos):
     def key(at):
         at = skip(at)
         if text[at:at + 1] != '"':
-            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, at)
-        name, at = json.decoder.scanstring(text, at + 1)
+            raise json.JSONDecodeError("Missing a name for object member.", text, at)
+        name, at = _scan_string(text, at + 1)
         at = skip(at)
         if text[at:at + 1] != ":":
-            raise json.JSONDecodeError("Expecting ':' delimiter", text, at)
+            raise json.JSONDecodeError("Missing a colon after a name of object member.", text, at)
         return name, at + 1
 
     while True:
@@ -356,7 +380,7 @@ def _parse_nested(text, pos):
                 continue
             value, pos = container, pos + 1
         elif char == '"':
-            value, pos = json.decoder.scanstring(text, pos + 1)
+            value, pos = _scan_string(text, pos + 1)
         else:
             literal = next((word for word in _LITERALS if text.startswith(word, pos)), None)
             number = _NUMBER.match(text, pos)
@@ -366,7 +390,7 @@ def _parse_nested(text, pos):
                 value = float(number.group()) if number.group(1) or number.group(2) else int(number.group())
                 pos = number.end()
             else:
-                raise json.JSONDecodeError("Expecting value", text, pos)
+                raise json.JSONDecodeError("Invalid value.", text, pos)
         while True:  # put the value in its container; close the containers that end here
             if not open_containers:
                 return value
@@ -383,8 +407,10 @@ def _parse_nested(text, pos):
                 else:
                     pos += 1
                 break
-            if char != ("}" if isinstance(container, dict) else "]"):
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            if isinstance(container, dict) and char != "}":
+                raise json.JSONDecodeError("Missing a comma or '}' after an object member.", text, pos)
+            if isinstance(container, list) and char != "]":
+                raise json.JSONDecodeError("Missing a comma or ']' after an array element.", text, pos)
             value, pos = container, pos + 1
             open_containers.pop()
 
@@ -402,19 +428,14 @@ def _fill_signature(document, model_spec):
         raise invalid("JSON Parse error: The surrogate pair in string is invalid.") from None
 
 
-def predict_request(core, model_spec, body):
-    """FillPredictRequestFromJson: (PredictRequest, "row" or "columnar")."""
+def predict_request(body, model_spec, input_types):
+    """FillPredictRequestFromJson: (PredictRequest, "row" or "columnar"). `input_types(model_spec)` gives the
+    signature's {input name: tf.DType} (TF Serving's GetInfoMap callback): they decide how values convert."""
     document = parse_json(body)
     request = predict_pb2.PredictRequest()
     request.model_spec.CopyFrom(model_spec)
     _fill_signature(document, request.model_spec)
-    # GetInfoMap: the signature's input dtypes decide how JSON values convert.
-    _, model = core.get(request.model_spec)
-    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    signature = model.signatures.get(signature_name)
-    if signature is None:  # INVALID_ARGUMENT here, where gRPC says FAILED_PRECONDITION: TF Serving's REST does
-        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
-    infos = {name: tf.dtypes.as_dtype(info.dtype) for name, info in sorted(signature.inputs.items())}
+    infos = input_types(request.model_spec)
     if not infos:
         raise invalid(f"Failed to get input map for signature: {request.model_spec.signature_name or 'DEFAULT'}")
     has_instances, has_inputs = "instances" in document, "inputs" in document
@@ -435,6 +456,80 @@ def predict_request(core, model_spec, body):
     for name, proto in tensors.items():
         request.inputs[name].CopyFrom(proto)
     return request, layout
+
+
+def input_types(core, model_spec):
+    """GetInfoMap: the input dtypes of the signature a request names."""
+    _, model = core.get(model_spec)
+    signature_name = model_spec.signature_name or DEFAULT_SIGNATURE
+    signature = model.signatures.get(signature_name)
+    if signature is None:  # INVALID_ARGUMENT here, where gRPC says FAILED_PRECONDITION: TF Serving's REST does
+        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
+    return {name: tf.dtypes.as_dtype(info.dtype) for name, info in sorted(signature.inputs.items())}
+
+
+# ---- JSON request -> ClassificationRequest / RegressionRequest (FillClassifyRegressRequestFromJson) ----
+
+def classify_regress_request(body, model_spec, method):
+    """A ClassificationRequest (`method` "classify") or RegressionRequest ("regress") of tf.Examples."""
+    document = parse_json(body)
+    request = (classification_pb2.ClassificationRequest if method == "classify"
+               else regression_pb2.RegressionRequest)()
+    request.model_spec.CopyFrom(model_spec)
+    _fill_signature(document, request.model_spec)
+    with_context = "context" in document
+    if with_context:
+        _fill_example(document["context"], request.input.example_list_with_context.context)
+    if "examples" not in document:  # TF Serving says "classify" for :regress too
+        raise _format_error(document, "When method is classify, key 'examples' is expected and was not found")
+    examples = document["examples"]
+    if not isinstance(examples, list):
+        raise _format_error(document, "Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise _format_error(document, "'examples' value is an empty array")
+    target = (request.input.example_list_with_context.examples if with_context
+              else request.input.example_list.examples)
+    for value in examples:
+        _fill_example(value, target.add())
+    return request
+
+
+def _fill_example(value, example):
+    """MakeExampleFromJsonObject: {"feature": value or [values]} -> tf.train.Example."""
+    if not isinstance(value, dict):
+        raise invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
+    for name, content in value.items():
+        feature = example.features.feature[name]
+        for item in content if isinstance(content, list) else [content]:
+            _add_feature_value(item, name, feature)
+
+
+FEATURE_KINDS = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
+
+
+def _add_feature_value(value, name, feature):
+    """AddValueToFeature: a feature takes the kind of its first value; the others must be of that kind."""
+    unexpected = invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+    if value is None or isinstance(value, list) or (isinstance(value, dict) and not _is_base64_object(value)):
+        raise unexpected
+    if isinstance(value, (bool, int)):
+        kind = "int64_list"
+        if not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            if 0 <= value < 2**64:
+                raise invalid(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
+            kind = "float_list"  # rapidjson reads an integer beyond 64 bits as a double
+    elif isinstance(value, float):
+        kind = "float_list"
+    else:
+        kind = "bytes_list"
+    current = feature.WhichOneof("kind")
+    if current not in (None, kind):
+        raise invalid(f"Unexpected element type in feature: {name} expecting type: {FEATURE_KINDS[current]}")
+    values = getattr(feature, kind).value
+    if kind == "bytes_list":
+        values.append(_b64decode(value) if isinstance(value, dict) else value.encode("utf-8"))
+    else:
+        values.append(int(value) if kind == "int64_list" else float(value))
 
 
 # ---- PredictResponse -> JSON (json_tensor.cc MakeJsonFromTensors) ----
@@ -460,8 +555,10 @@ def _float_texts(array):
     return np.array(texts, dtype=object).reshape(array.shape)
 
 
-def _value_texts(name, array):
-    """Each element of `array` as JSON text, the way TF Serving writes that dtype."""
+def _value_texts(name, array, dtype):
+    """Each element of `array` as JSON text, the way TF Serving writes that dtype (AddSingleValueAndAdvance)."""
+    if dtype not in JSON_WRITABLE:
+        raise invalid(f"Failed to write JSON value for tensor type: {_type_name(dtype)}")
     if array.dtype.kind == "f":
         return _float_texts(array)
     if array.dtype == object or array.dtype.kind in "SU":
@@ -491,10 +588,10 @@ def _nested(texts):
 
 def response_json(response, layout):
     """{"predictions": [...]} (row) or {"outputs": ...} (columnar) from a PredictResponse."""
-    arrays = {name: tf.make_ndarray(proto) for name, proto in sorted(response.outputs.items())}
-    if not arrays:
+    if not response.outputs:
         raise invalid("Cannot convert empty tensor map to JSON")
-    texts = {name: _value_texts(name, array) for name, array in arrays.items()}
+    texts = {name: _value_texts(name, tf.make_ndarray(proto), tf.dtypes.as_dtype(proto.dtype))
+             for name, proto in sorted(response.outputs.items())}
     if layout == "columnar":
         if len(texts) == 1:
             return '{\n    "outputs": %s\n}' % _nested(next(iter(texts.values())))
@@ -561,11 +658,12 @@ def _dispatch(core, method, path, body, run):
         name, version, label, verb = match.groups()
         spec = _model_spec(name, version, label)
         if verb == "predict":
-            request, layout = predict_request(core, spec, body)
+            request, layout = predict_request(body, spec, lambda model_spec: input_types(core, model_spec))
             return response_json(handlers.predict(core, request, run), layout)
-        if verb in ("classify", "regress"):
-            raise ServingError("UNIMPLEMENTED", f":{verb} needs a {verb} signature; PatchNet's signatures "
-                                                  "are predict signatures (use :predict)")
+        if verb == "classify":  # case-sensitive, as in TF Serving: ":Classify" matches the path, then nothing
+            return handlers.classify(core, classify_regress_request(body, spec, verb))
+        if verb == "regress":
+            return handlers.regress(core, classify_regress_request(body, spec, verb))
         raise malformed
     if method == "GET":
         match = STATUS_PATH.fullmatch(path)

@@ -77,6 +77,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):
         return _answer(context, handlers.predict, self.core, request, self.run)
 
+    def Classify(self, request, context):
+        return _answer(context, handlers.classify, self.core, request)
+
+    def Regress(self, request, context):
+        return _answer(context, handlers.regress, self.core, request)
+
     def GetModelMetadata(self, request, context):
         return _answer(context, handlers.get_model_metadata, self.core, request)
 

@@ -19,6 +19,7 @@ from tensorflow_serving.config import file_system_storage_path_source_pb2, model
 
 from serving.errors import ServingError
 from serving.loader import WARMUP_PATH, LoadedModel, first_line
+from serving.metrics import METRICS
 from serving.warmup import replay_warmup
 
 LOG = logging.getLogger("patchnet.serve")
@@ -41,8 +42,15 @@ def list_versions(base_dir):
 
 
 def _load_and_warm_up(path):
-    """As TF Serving: a version takes traffic only after its warmup requests (if any) ran."""
-    loaded = LoadedModel(path)
+    """As TF Serving: a version takes traffic only after its warmup requests (if any) ran. The load is
+    counted as TensorFlow's SavedModel loader counts it (load_attempt_count, load_latency)."""
+    start = time.perf_counter()
+    try:
+        loaded = LoadedModel(path)
+    except Exception:
+        METRICS.load(path, False, time.perf_counter() - start)
+        raise
+    METRICS.load(path, True, time.perf_counter() - start)
     if os.path.isfile(os.path.join(path, WARMUP_PATH)):
         try:
             replay_warmup(loaded, path)

@@ -25,6 +25,7 @@ import logging
 import re
 import socket
 import threading
+import time
 import urllib.parse
 
 import numpy as np
@@ -44,6 +45,7 @@ from patchnet_tf.errors import PatchNetError
 from serving import handlers
 from serving.errors import ServingError
 from serving.loader import DEFAULT_SIGNATURE, _type_name
+from serving.metrics import METRICS
 
 LOG = logging.getLogger("patchnet.rest")
 
@@ -639,14 +641,31 @@ def _model_spec(name, version, label):
 
 
 def handle(core, method, path, body, run=None):
-    """(HTTP status, JSON text) for one REST call."""
+    """(HTTP status, JSON text) for one REST call, counted and timed as http_server.cc does."""
+    start = time.perf_counter()
+    code = "OK"
     try:
         return 200, _dispatch(core, method, path, body, run)
     except ServingError as error:
+        code = error.code
         return HTTP_STATUS.get(error.code, 500), error_json(error.message)
     except Exception as error:  # a bug must cost one request an INTERNAL answer, never the connection
+        code = "INTERNAL"
         LOG.exception("REST %s %s failed", method, path)
         return 500, error_json(f"{type(error).__name__}: {error}")
+    finally:
+        model_name, api = _metric_labels(method, path)
+        METRICS.request(model_name, api, "REST", code, time.perf_counter() - start)
+
+
+def _metric_labels(method, path):
+    """(model name, method) as ParseModelInfo fills them: empty unless the path matched; the method (":predict")
+    only for POST."""
+    pattern = {"POST": PREDICT_PATH, "GET": STATUS_PATH}.get(method)
+    match = pattern.fullmatch(path) if pattern else None
+    if not match:
+        return "", ""
+    return urllib.parse.unquote(match.group(1) or ""), match.group(4) if method == "POST" else ""
 
 
 def _dispatch(core, method, path, body, run):
@@ -707,9 +726,10 @@ class RestServer:
     far) exceeds `max_body_bytes`, the same cap as gRPC's --max-message-bytes, with gRPC's message.
     """
 
-    def __init__(self, core, host, port, run=None, max_body_bytes=2**31 - 1):
+    def __init__(self, core, host, port, run=None, max_body_bytes=2**31 - 1, metrics_path=None):
         self.core = core
         self.run = run
+        self.metrics_path = metrics_path  # answered with Prometheus text (serving.metrics), as TF Serving's
         self.max_body_bytes = max_body_bytes
         self.body_idle_seconds = BODY_IDLE_SECONDS
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -733,6 +753,8 @@ class RestServer:
 
     async def _endpoint(self, request):
         path = request.scope["raw_path"].decode("latin-1")  # TF Serving matches the undecoded path
+        if path == self.metrics_path:  # http_server.cc ProcessPrometheusRequest: any method, no body read
+            return Response(METRICS.text(), 200, media_type="text/plain")
         if not HANDLED_PATH.fullmatch(path):
             return Response("Not Found", 404, media_type="text/plain")
         try:

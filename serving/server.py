@@ -54,6 +54,7 @@ from serving import handlers
 from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.core import ConfigFilePoller, ServerCore, read_model_config, single_model_config
 from serving.errors import ServingError
+from serving.metrics import METRICS, read_monitoring_config
 from serving.rest import RestServer
 
 LOG = logging.getLogger("patchnet.serve")
@@ -61,12 +62,22 @@ DEFAULT_PORT = 8500
 MAX_MESSAGE_BYTES = 2**31 - 1  # INT32_MAX: TF Serving sets no smaller cap (model_servers/server.cc)
 
 
-def _answer(context, handler, *args):
-    """The handler's response, or the call aborted with its ServingError's code and message."""
+def _answer(context, handler, *args, api=None):
+    """The handler's response, or the call aborted with its ServingError's code and message. Calls with an
+    `api` name are counted and timed (`args[1]` is the request), as prediction_service_impl.cc does."""
+    start = time.perf_counter()
+    code = "OK"
     try:
         return handler(*args)
     except ServingError as error:
+        code = error.code
         context.abort(getattr(grpc.StatusCode, error.code), error.message)
+    except Exception:
+        code = "INTERNAL"
+        raise
+    finally:
+        if api is not None:
+            METRICS.request(args[1].model_spec.name, api, "GRPC", code, time.perf_counter() - start)
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -75,13 +86,13 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.run = run
 
     def Predict(self, request, context):
-        return _answer(context, handlers.predict, self.core, request, self.run)
+        return _answer(context, handlers.predict, self.core, request, self.run, api="Predict")
 
     def Classify(self, request, context):
-        return _answer(context, handlers.classify, self.core, request)
+        return _answer(context, handlers.classify, self.core, request, api="Classify")
 
     def Regress(self, request, context):
-        return _answer(context, handlers.regress, self.core, request)
+        return _answer(context, handlers.regress, self.core, request, api="Regress")
 
     def GetModelMetadata(self, request, context):
         return _answer(context, handlers.get_model_metadata, self.core, request)
@@ -160,6 +171,7 @@ class LocalServer:
             self.rest.stop()
         self._server.stop(grace).wait()
         if self.batcher is not None:
+            METRICS.forget_batcher(self.batcher)
             self.batcher.stop()
         self.core.stop()
 
@@ -183,15 +195,21 @@ def check_port_free(host, port):
 def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, model_config_file=None,
                  model_config_file_poll_wait_seconds=0.0, poll_seconds=1.0, num_versions=1, workers=8,
                  max_load_retries=5, load_retry_interval=60.0, allow_version_labels_for_unavailable_models=False,
-                 models_dir=None, max_message_bytes=MAX_MESSAGE_BYTES, rest_api_port=None, batching=None):
+                 models_dir=None, max_message_bytes=MAX_MESSAGE_BYTES, rest_api_port=None, batching=None,
+                 monitoring_config_file=None):
     """Starts serving one model (BASE/<version> folders) or the models of a ModelServerConfig file;
     port 0 picks a free port (see `.port`). Raises PatchNetError for a bad base folder or config file.
 
     rest_api_port: also answer TF Serving's REST API there (None: no REST; 0: any free port).
     batching: a serving.batching.BatchingOptions to merge concurrent requests (--enable_batching).
+    monitoring_config_file: a MonitoringConfig text file; with prometheus_config enabled, the REST port
+    answers its path with the metrics (serving.metrics).
     """
     if (base_dir is None) == (model_config_file is None):
         raise PatchNetError("give a model base folder or --model-config-file, not both")
+    metrics_path = read_monitoring_config(monitoring_config_file) if monitoring_config_file else None
+    if monitoring_config_file and rest_api_port is None:  # TF Serving ignores the file then; say so instead
+        raise PatchNetError("--monitoring-config-file: the metrics are served on the REST port: give --rest-api-port")
     if rest_api_port and rest_api_port == port:  # TF Serving refuses this too (model_servers/server.cc)
         raise PatchNetError(f"--rest-api-port {rest_api_port} must differ from --port")
     if model_config_file is not None:
@@ -231,7 +249,8 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
         if not bound:
             raise PatchNetError(f"cannot bind {host}:{port} (in use or not a local address)")
         if rest_api_port is not None:
-            rest = RestServer(core, host, rest_api_port, run=run, max_body_bytes=max_message_bytes)
+            rest = RestServer(core, host, rest_api_port, run=run, max_body_bytes=max_message_bytes,
+                              metrics_path=metrics_path)
         core.reload_config(config)
     except PatchNetError as error:
         server.stop(0)
@@ -249,6 +268,8 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
     server.start()
     if rest is not None:
         rest.start()
+    if batcher is not None:
+        METRICS.watch_batcher(batcher)
     return LocalServer(core, server, host, bound, poller, rest, batcher)
 
 
@@ -283,6 +304,9 @@ def add_arguments(parser):
     parser.add_argument("--rest-api-port", type=port_number, default=0,
                         help="also serve TF Serving's REST API on this port; 0 (default): no REST, as "
                              "tensorflow_model_server (its Docker image passes 8501)")
+    parser.add_argument("--monitoring-config-file", default=None,
+                        help="TF Serving's MonitoringConfig text file; with prometheus_config { enable: true } the "
+                             "REST port serves Prometheus metrics at its path (default /monitoring/prometheus/metrics)")
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one session run (TF Serving's --enable_batching)")
     parser.add_argument("--batching-parameters-file", default=None,
@@ -311,7 +335,8 @@ def run(args):
                           load_retry_interval=args.load_retry_interval_micros / 1e6,
                           allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
                           models_dir=models_dir, max_message_bytes=args.max_message_bytes,
-                          rest_api_port=args.rest_api_port or None, batching=batching)
+                          rest_api_port=args.rest_api_port or None, batching=batching,
+                          monitoring_config_file=args.monitoring_config_file)
     stopped = threading.Event()
 
     def on_signal(signum, frame):
@@ -326,7 +351,9 @@ def run(args):
                       f"(versions: {', '.join(map(str, versions)) or 'none yet, polling'})")
     print(f"serving {'; '.join(served) or 'no models'} on {server.address}"
           + (f"; REST API on {server.rest_url}" if server.rest_url else "")
-          + ("; batching on" if server.batcher else ""), flush=True)
+          + ("; batching on" if server.batcher else "")
+          + (f"; metrics on {server.rest_url}{server.rest.metrics_path}" if server.rest and server.rest.metrics_path
+             else ""), flush=True)
     while not stopped.wait(0.5):
         pass
     print("stopping: finishing requests in flight", flush=True)

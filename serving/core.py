@@ -20,6 +20,7 @@ from tensorflow_serving.config import file_system_storage_path_source_pb2, model
 from serving.errors import ServingError
 from serving.loader import WARMUP_PATH, LoadedModel, first_line
 from serving.metrics import METRICS
+from serving.text_proto import read_text_proto
 from serving.warmup import replay_warmup
 
 LOG = logging.getLogger("patchnet.serve")
@@ -420,17 +421,8 @@ class ServerCore:
 
 def read_model_config(path):
     """A ModelServerConfig from its text format (TF Serving's --model_config_file); raises ServingError."""
-    try:
-        with open(path) as file:
-            text = file.read()
-    except OSError as error:
-        raise ServingError("INVALID_ARGUMENT", f"{path}: cannot read ({error.strerror})") from None
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as error:
-        raise ServingError("INVALID_ARGUMENT", f"{path}: not a ModelServerConfig: {error}") from None
-    return config
+    return read_text_proto(path, model_server_config_pb2.ModelServerConfig,
+                           lambda message: ServingError("INVALID_ARGUMENT", message))
 
 
 def single_model_config(base_dir, model_name, num_versions=1):

@@ -30,10 +30,10 @@ The metrics are process-wide, as TF Serving's are (`METRICS`).
 import threading
 
 import prometheus_client
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from prometheus_client.core import Metric
 
-from patchnet_tf.errors import PatchNetError
+from serving.text_proto import read_text_proto
 
 prometheus_client.disable_created_metrics()  # TF Serving exports no *_created series
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
@@ -63,16 +63,7 @@ MonitoringConfig = _monitoring_config_class()
 
 def read_monitoring_config(path):
     """The Prometheus path a MonitoringConfig file enables, or None; raises PatchNetError naming the file."""
-    try:
-        with open(path) as file:
-            text = file.read()
-    except OSError as error:
-        raise PatchNetError(f"--monitoring-config-file {path}: cannot read ({error.strerror})") from None
-    config = MonitoringConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as error:
-        raise PatchNetError(f"--monitoring-config-file {path}: not a MonitoringConfig: {error}") from None
+    config = read_text_proto(path, MonitoringConfig)
     if not config.prometheus_config.enable:
         return None
     return config.prometheus_config.path or DEFAULT_PATH

@@ -22,6 +22,7 @@ REGRESS_OUTPUTS = "outputs"  # kRegressOutputs
 VALUE_FIELDS = ("string_val", "float_val", "double_val", "int_val", "int64_val", "bool_val", "half_val", "uint32_val",
                 "uint64_val")  # TensorProto's one-value-per-element fields
 
+
 def tensor_from_proto(proto):
     """The array of a TensorProto as TF's Tensor::FromProto reads it: values beyond the shape's element
     count are ignored (tensor.cc FromProtoField copies the first n), so a string tensor of shape [1]

@@ -781,6 +781,7 @@ class RestServer:
     def stop(self, grace=5.0):
         """Stops accepting, waits up to `grace` seconds for calls in flight, closes the socket."""
         if self._thread is not None:
+            self._server.config.timeout_graceful_shutdown = grace  # read by uvicorn when it shuts down
             self._server.should_exit = True
             self._thread.join(grace + 5)
         self._socket.close()
@@ -802,7 +803,7 @@ async def read_body(request, limit, idle_seconds):
     Content-Length is over `limit`, or as soon as more than `limit` bytes of a chunked body arrived; a body
     that stops arriving for `idle_seconds` (a chunk announced and never sent) is refused too."""
     length = request.headers.get("content-length")
-    if length is not None and int(length) > limit:  # h11 has refused a Content-Length that is not a number
+    if length is not None and int(length) > limit:  # uvicorn has refused a Content-Length that is no number
         raise ServingError("RESOURCE_EXHAUSTED", too_large(int(length), limit))
     chunks, size = [], 0
     stream = request.stream()

@@ -1,8 +1,8 @@
 """`patchnet serve`: a local gRPC server that answers like TensorFlow Serving.
 
 For where `tensorflow_model_server` cannot run (development, tests, the
-demo). It implements PredictionService.Predict, PredictionService.
-GetModelMetadata and ModelService.GetModelStatus with the
+demo). It implements PredictionService (Predict, Classify, Regress,
+GetModelMetadata) and ModelService (GetModelStatus, HandleReloadConfigRequest) with the
 tensorflow-serving-api protos, so `serving/client.py` (or any TF Serving
 client) works against it unchanged. Its behaviour follows the real server:
 
@@ -31,6 +31,7 @@ client) works against it unchanged. Its behaviour follows the real server:
   the same handlers (`serving.handlers`). The models themselves are `serving.core`'s.
 - `--enable-batching`: concurrent requests merged into one session run
   (`serving.batching`), as TF Serving's `--enable_batching`.
+- `--monitoring-config-file`: Prometheus metrics on the REST port (`serving.metrics`).
 
 Binds 127.0.0.1 unless --host says otherwise; SIGTERM stops it cleanly.
 """
@@ -300,7 +301,8 @@ def add_arguments(parser):
     parser.add_argument("--load-retry-interval-micros", type=int, default=60_000_000,
                         help="microseconds between load retries; negative: no wait (TF Serving's flag)")
     parser.add_argument("--max-message-bytes", type=message_bytes, default=MAX_MESSAGE_BYTES,
-                        help="largest request or response in bytes (default 2147483647, INT32_MAX, as TF Serving)")
+                        help="largest request or response in bytes, gRPC and REST bodies alike (default 2147483647, "
+                             "INT32_MAX, as TF Serving)")
     parser.add_argument("--rest-api-port", type=port_number, default=0,
                         help="also serve TF Serving's REST API on this port; 0 (default): no REST, as "
                              "tensorflow_model_server (its Docker image passes 8501)")

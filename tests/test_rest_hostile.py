@@ -18,6 +18,8 @@ from serving.server import start_server
 from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 CAP = 1 << 20  # --max-message-bytes for this server: 1 MiB, for gRPC and REST alike
+RSS_GROWTH_BOUND = 200 << 20  # no hostile request may grow the (in-process) server by more than this
+BASELINE = {}  # the process's RSS once the server has answered its first request
 PREDICT = f"/v1/models/{MODEL}:predict"
 GOOD = images(1)[0]
 
@@ -30,8 +32,15 @@ def capped(tmp_path_factory):
     server = start_server(str(root / MODEL), MODEL, port=0, poll_seconds=0.2, rest_api_port=0,
                           max_message_bytes=CAP)
     server.wait_for_version(1)
+    assert_still_serves(server, model)  # warm: what a first good request allocates is not the hostile one's
+    BASELINE["rss"] = rss()
     yield server, model
     server.stop()
+
+
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS:"))
 
 
 def exchange(server, raw, timeout=30):
@@ -68,6 +77,9 @@ def good_request_body():
 
 
 def assert_still_serves(server, model):
+    """A good request is answered right, and the process has not grown by RSS_GROWTH_BOUND."""
+    if "rss" in BASELINE:
+        assert rss() - BASELINE["rss"] < RSS_GROWTH_BOUND, f"grew {(rss() - BASELINE['rss']) >> 20} MiB"
     status, _, body = exchange(server, post(PREDICT, good_request_body()))
     assert status == 200, body
     np.testing.assert_allclose(json.loads(body)["predictions"][0]["probability"], expected(model, [GOOD])[0][0],

@@ -19,13 +19,16 @@ import re
 import urllib.error
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import json_format, text_format
 from tensorflow.core.example import example_pb2
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, regression_pb2
+from tensorflow_serving.apis import (
+    classification_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2,
+)
 from tensorflow_serving.config import model_server_config_pb2
 
 from pipelines.export import write_saved_model
@@ -253,9 +256,6 @@ def test_classify_and_regress_answer_as_tf_serving_on_predict_signatures(rest):
 
 
 def test_classify_and_regress_over_grpc_give_the_same_answers(rest):
-    import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
     server, _, export = rest
     with grpc.insecure_channel(server.address) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -607,9 +607,6 @@ def test_ClassifyRegressRequestTest_JsonErrors(method, body, message):
 # ---- gRPC: Tensor::FromProto reads the first n values (tensor.cc FromProtoField) ----
 
 def test_a_string_tensor_of_shape_1_with_two_values_uses_the_first_over_grpc(rest):
-    import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
     server, model, _ = rest
     proto = tf.make_tensor_proto([GOOD], tf.string)
     proto.string_val.append(b"not an image, ignored")

@@ -18,7 +18,8 @@ a metric "/tensorflow/serving/request_count" is exported as ":tensorflow:serving
   `:tensorflow:cc:saved_model:load_latency{model_path}` (microseconds of successful loads, summed), as
   TensorFlow's SavedModel loader counts them (tensorflow/cc/saved_model/loader.cc);
 - `:tensorflow:serving:batching_session:wrapped_run_count`: session runs of merged batches, with
-  --enable-batching (batching/batching_session.cc).
+  --enable-batching (batching/batching_session.cc); and, under names of our own as TF Serving has none,
+  the queue depth: `patchnet_batching_enqueued_batches`, `patchnet_batching_enqueued_requests` (gauges).
 
 TF Serving writes its counters as `# TYPE name counter` with the bare name; prometheus_client's text
 writer renames every counter to `name_total`, so these are written as untyped under TF Serving's exact
@@ -125,10 +126,17 @@ class Metrics:
                 family.add_sample(name, dict(zip(label_names, labels)), value)
             yield family
         if batchers:
+            stats = [batcher.stats() for batcher in batchers]
             name = ":tensorflow:serving:batching_session:wrapped_run_count"
             family = Metric(name, "Total count of run calls on the wrapped session", "unknown")
-            family.add_sample(name, {}, sum(batcher.stats()["batches"] for batcher in batchers))
+            family.add_sample(name, {}, sum(each["batches"] for each in stats))
             yield family
+            for key, help_text in (("enqueued_batches", "Batches waiting in the batching queues now."),
+                                   ("enqueued_requests", "Requests waiting in the batching queues now.")):
+                name = f"patchnet_batching_{key}"  # TF Serving has no such metric: our own name
+                family = Metric(name, help_text, "gauge")
+                family.add_sample(name, {}, sum(each[key] for each in stats))
+                yield family
 
     def text(self):
         return prometheus_client.generate_latest(self.registry).decode()

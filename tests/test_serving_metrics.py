@@ -19,7 +19,7 @@ from patchnet_tf.errors import PatchNetError
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
 from serving.batching import BatchingOptions
-from serving.metrics import DEFAULT_PATH, LATENCY_BUCKETS_MICROS, read_monitoring_config
+from serving.metrics import DEFAULT_PATH, LATENCY_BUCKETS_MICROS, Metrics, read_monitoring_config
 from serving.server import start_server
 from test_serving import MODEL, PREPROCESSING, images, request, tiny_model
 
@@ -108,6 +108,7 @@ def test_request_counts_and_latencies_before_and_after_requests(monitored):
     # --enable-batching: the merged runs are counted (two REST and one good gRPC call at least ran).
     runs = ":tensorflow:serving:batching_session:wrapped_run_count"
     assert samples(after, runs)[frozenset()] - samples(before, runs)[frozenset()] >= 3
+    assert samples(after, "patchnet_batching_enqueued_requests")[frozenset()] == 0  # all answered, none waits
 
 
 def test_load_attempts_and_latency_per_version_path(monitored):
@@ -119,6 +120,28 @@ def test_load_attempts_and_latency_per_version_path(monitored):
     latency = samples(families, ":tensorflow:cc:saved_model:load_latency")
     assert latency[labels(model_path=os.path.join(base, "1"))] > 0
     assert labels(model_path=os.path.join(base, "2")) not in latency  # only successful loads are timed
+
+
+def test_batching_queue_gauges_read_the_schedulers_stats():
+    class Scheduler:  # what BatchScheduler.stats() reports (tests/test_batching.py tests the numbers)
+        def __init__(self, batches, enqueued_batches, enqueued_requests):
+            self.numbers = {"batches": batches, "enqueued_batches": enqueued_batches,
+                            "enqueued_requests": enqueued_requests}
+
+        def stats(self):
+            return self.numbers
+
+    metrics = Metrics()
+    first, second = Scheduler(7, 2, 5), Scheduler(1, 1, 1)
+    metrics.watch_batcher(first)
+    metrics.watch_batcher(second)
+    families = list(text_string_to_metric_families(metrics.text()))
+    assert samples(families, ":tensorflow:serving:batching_session:wrapped_run_count")[frozenset()] == 8
+    assert samples(families, "patchnet_batching_enqueued_batches")[frozenset()] == 3
+    assert samples(families, "patchnet_batching_enqueued_requests")[frozenset()] == 6
+    metrics.forget_batcher(second)
+    families = list(text_string_to_metric_families(metrics.text()))
+    assert samples(families, "patchnet_batching_enqueued_requests")[frozenset()] == 5
 
 
 def test_the_metrics_path_is_only_the_configured_one(monitored):

@@ -98,9 +98,11 @@ def run_block(make_client, clients, seconds, minimum):
     """Latencies (s) and requests/s of `clients` threads calling back to back for `seconds`
     (and at least `minimum` requests in all)."""
     latencies, lock = [], threading.Lock()
-    ready = threading.Barrier(clients + 1)
     done = [0]
     start_time = [0.0]
+    # The clock starts as the barrier opens, before any client can look at it (set after the wait, a fast
+    # client saw 0.0, stopped at once and made the block's rate absurd).
+    ready = threading.Barrier(clients + 1, action=lambda: start_time.__setitem__(0, time.perf_counter()))
 
     def client():
         call, close = make_client()
@@ -132,7 +134,6 @@ def run_block(make_client, clients, seconds, minimum):
             for future in futures:
                 future.result()  # raises the client's error
             raise
-        start_time[0] = time.perf_counter()
         for future in futures:
             future.result()
         wall = time.perf_counter() - start_time[0]

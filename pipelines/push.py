@@ -39,7 +39,7 @@ from pipelines.data import load_folder_dataset
 from pipelines.export import export_saved_model
 from serving import warmup
 from serving.loader import LoadedModel, first_line
-from serving.server import list_versions
+from serving.core import list_versions
 
 STEPS = ("export", "evaluate", "bless", "warmup", "infra-validate", "push")
 CHANCE_AUROC = 0.5

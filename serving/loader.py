@@ -15,18 +15,15 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.python.util import deprecation
 
+from serving.errors import ServingError
+
 SERVE_TAG = "serve"
 DEFAULT_SIGNATURE = "serving_default"
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-class SignatureError(ValueError):
-    """A request that does not fit a signature; `code` is the gRPC status name."""
-
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# The old name of ServingError, kept while serving/batching.py (worked on elsewhere) imports it.
+SignatureError = ServingError
 
 
 class LoadedModel:
@@ -39,10 +36,9 @@ class LoadedModel:
         # silence(): the TF1 loader's deprecation notice; TF Serving's C++ loader is this loader.
         with self.graph.as_default(), deprecation.silence():
             meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], export_dir)
-        self.signatures = {
-            name: signature
-            for name, signature in meta_graph.signature_def.items()
-            if not name.startswith("__")  # __saved_model_init_op is not callable
+        self.signature_defs = dict(meta_graph.signature_def)  # all, as GetModelMetadata lists them
+        self.signatures = {  # the callable ones: __saved_model_init_op is not
+            name: signature for name, signature in self.signature_defs.items() if not name.startswith("__")
         }
         self._closed = False
         self._retired = False
@@ -53,13 +49,13 @@ class LoadedModel:
         name = name or DEFAULT_SIGNATURE
         if name not in self.signatures:
             # TF Serving's wording (predict_util.cc), with FAILED_PRECONDITION.
-            raise SignatureError(
+            raise ServingError(
                 "FAILED_PRECONDITION", f'Serving signature name: "{name}" not found in signature def'
             )
         return self.signatures[name]
 
     def check_inputs(self, signature_name, inputs):
-        """Raises SignatureError (INVALID_ARGUMENT) if `inputs` (name -> ndarray) do not fit."""
+        """Raises ServingError (INVALID_ARGUMENT) if `inputs` (name -> ndarray) do not fit."""
         signature = self.signature(signature_name)
         expected = sorted(signature.inputs)
         sent = sorted(inputs)
@@ -68,12 +64,12 @@ class LoadedModel:
             missing = [key for key in expected if key not in inputs]
             if extra:
                 # TF Serving: "input tensor alias not found in signature: X. Inputs expected to be in the set {Y}."
-                raise SignatureError(
+                raise ServingError(
                     "INVALID_ARGUMENT",
                     f"input tensor alias not found in signature: {', '.join(extra)}. "
                     f"Inputs expected to be in the set {{{','.join(expected)}}}.",
                 )
-            raise SignatureError(
+            raise ServingError(
                 "INVALID_ARGUMENT",
                 f"input size does not match signature: {len(sent)}!={len(expected)} "
                 f"len({{{','.join(sent)}}}) != len({{{','.join(expected)}}}). "
@@ -86,7 +82,7 @@ class LoadedModel:
             if got != want:
                 # TF Serving returns the session's "Expects arg[0] to be string but float is
                 # provided"; the same, naming the input.
-                raise SignatureError(
+                raise ServingError(
                     "INVALID_ARGUMENT",
                     f"input {key}: expects {_type_name(want)} but {_type_name(got)} is provided",
                 )
@@ -94,27 +90,27 @@ class LoadedModel:
                 dims = [dim.size for dim in info.tensor_shape.dim]
                 shape_text = "[" + ", ".join("?" if d < 0 else str(d) for d in dims) + "]"
                 if value.ndim != len(dims):
-                    raise SignatureError(
+                    raise ServingError(
                         "INVALID_ARGUMENT",
                         f"input {key}: expected rank {len(dims)} {shape_text}, "
                         f"got shape {list(value.shape)} (rank {value.ndim})",
                     )
                 for axis, (want_size, got_size) in enumerate(zip(dims, value.shape)):
                     if want_size >= 0 and want_size != got_size:
-                        raise SignatureError(
+                        raise ServingError(
                             "INVALID_ARGUMENT",
                             f"input {key}: expected shape {shape_text}, got {list(value.shape)} "
                             f"(dimension {axis} must be {want_size})",
                         )
             if value.ndim >= 1 and value.shape[0] == 0:
-                raise SignatureError(
+                raise ServingError(
                     "INVALID_ARGUMENT", f"input {key}: empty batch; expected at least one example"
                 )
 
     def run(self, signature_name, inputs, output_filter=()):
         """Feeds `inputs` (name -> ndarray) by SignatureDef tensor names; returns name -> ndarray.
 
-        Raises SignatureError for requests that do not fit the signature and
+        Raises ServingError for requests that do not fit the signature and
         tf.errors.OpError for errors inside the graph (e.g. undecodable bytes).
         """
         signature = self.signature(signature_name)
@@ -122,14 +118,14 @@ class LoadedModel:
         outputs = list(output_filter) or sorted(signature.outputs)
         unknown = [key for key in outputs if key not in signature.outputs]
         if unknown:
-            raise SignatureError(
+            raise ServingError(
                 "INVALID_ARGUMENT",
                 f"output tensor alias not found in signature: {', '.join(unknown)} "
                 f"Outputs expected to be in the set {{{','.join(sorted(signature.outputs))}}}.",
             )
         duplicates = sorted({key for key in outputs if outputs.count(key) > 1})
         if duplicates:
-            raise SignatureError("INVALID_ARGUMENT", f"duplicate output tensor alias: {duplicates[0]}")
+            raise ServingError("INVALID_ARGUMENT", f"duplicate output tensor alias: {duplicates[0]}")
         feeds = {signature.inputs[key].name: value for key, value in inputs.items()}
         fetches = [signature.outputs[key].name for key in outputs]
         values = self.session.run(fetches, feed_dict=feeds)

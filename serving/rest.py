@@ -1,9 +1,9 @@
-"""TF Serving's REST API (`--rest_api_port`) for the local server, on the standard library's HTTP server.
+"""TF Serving's REST API (`--rest_api_port`) for the local server, on uvicorn and Starlette.
 
 As tensorflow_model_server's HTTP handler does (model_servers/
 http_rest_api_handler.cc, util/json_tensor.cc), each call is translated
 into the gRPC request proto and answered by the same code as gRPC
-(`serving.server.predict`, `get_model_metadata`, `get_model_status`), so
+(`serving.handlers`), so
 codes and messages are the same on both ports:
 
     GET  /v1/models/NAME[/versions/N | /labels/L]             model status
@@ -17,23 +17,35 @@ string outputs whose name ends in `_bytes` as `{"b64": ...}`; errors are
 `{"error": "..."}` with TF Serving's HTTP status for the gRPC code.
 """
 
+import asyncio
 import base64
 import binascii
-import http.server
 import json
 import logging
 import re
+import socket
 import threading
+import time
 import urllib.parse
 
 import numpy as np
 import tensorflow as tf
+import uvicorn
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.routing import Route
+from tensorflow_serving.apis import (
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
+)
 
 from patchnet_tf.errors import PatchNetError
-from serving import server as handlers
-from serving.loader import DEFAULT_SIGNATURE, SignatureError, _type_name
+from serving import handlers
+from serving.errors import ServingError
+from serving.loader import DEFAULT_SIGNATURE, _type_name
+from serving.metrics import METRICS
 
 LOG = logging.getLogger("patchnet.rest")
 
@@ -42,6 +54,7 @@ PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I)
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I)
+BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 HANDLED_PATH = re.compile(r"/v1/.*", re.I)  # anything else is not the REST API's: plain 404
 
 # http_server.cc ToHTTPStatusCode
@@ -51,6 +64,9 @@ HTTP_STATUS = {
     "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
     "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
 }
+MAX_RANK = 64  # numpy's NPY_MAXDIMS: no array (so no input here) has more dimensions
+JSON_WRITABLE = {tf.float32, tf.float64, tf.int32, tf.int16, tf.int8, tf.uint8, tf.string, tf.int64, tf.bool,
+                 tf.uint32, tf.uint64}  # the dtypes json_tensor.cc writes; others are an error
 DEBUG_STRING_LIMIT = 256  # json_tensor.cc kMaxJsonDebugStringBytes
 INT_RANGES = {  # the integer JSON values rapidjson's IsInt / IsInt64 / IsUint / IsUint64 accept
     tf.int32: (-2**31, 2**31 - 1), tf.int16: (-2**31, 2**31 - 1), tf.int8: (-2**31, 2**31 - 1),
@@ -60,7 +76,7 @@ INT_RANGES = {  # the integer JSON values rapidjson's IsInt / IsInt64 / IsUint /
 
 
 def invalid(message):
-    return SignatureError("INVALID_ARGUMENT", message)
+    return ServingError("INVALID_ARGUMENT", message)
 
 
 # ---- JSON request -> PredictRequest (json_tensor.cc FillPredictRequestFromJson) ----
@@ -160,18 +176,21 @@ def _convert_value(value, dtype):
         if not isinstance(value, bool):
             raise _type_error(value, dtype)
         return value
-    raise SignatureError("UNIMPLEMENTED", f"Conversion of JSON Value: {debug_string(value)} "
+    raise ServingError("UNIMPLEMENTED", f"Conversion of JSON Value: {debug_string(value)} "
                                           f"to type: {_type_name(dtype)}")
 
 
-def _dense_shape(value):
-    """GetDenseTensorShape: the sizes of the first element at each nesting level."""
+def _dense_shape(value, name):
+    """GetDenseTensorShape: the sizes of the first element at each nesting level. More levels than an
+    array can have get TF Serving's answer to a tensor it cannot build."""
     shape = []
     while isinstance(value, list):
         shape.append(len(value))
         if not value:
             break
         value = value[0]
+    if len(shape) >= MAX_RANK:  # the batch dimension comes on top in the row format
+        raise invalid(f"tensor parsing error: {name}: lists nested {len(shape)} deep (at most {MAX_RANK - 1})")
     return shape
 
 
@@ -227,7 +246,7 @@ def _inputs_from_instances(instances, infos):
     def add(item, name):
         if name not in infos:
             raise invalid(f"JSON object: does not have named input: {name}")
-        shape = _dense_shape(item)
+        shape = _dense_shape(item, name)
         collected = []
         _fill(item, 0, infos[name], shape, collected)
         if name not in shapes:
@@ -248,7 +267,7 @@ def _inputs_from_instances(instances, infos):
             for name, item in element.items():
                 try:
                     add(item, name)
-                except SignatureError as error:
+                except ServingError as error:
                     raise invalid(f"Failed to process element: {index} key: {name} of 'instances' list. "
                                   f"Error: {_status_text(error)}") from None
             if set(element) != set(infos):
@@ -260,7 +279,7 @@ def _inputs_from_instances(instances, infos):
             name = next(iter(infos))
             try:
                 add(element, name)
-            except SignatureError as error:
+            except ServingError as error:
                 raise invalid(f"Failed to process element: {index} of 'instances' list. "
                               f"Error: {_status_text(error)}") from None
     return {name: _tensor_proto(values[name], [len(instances), *shapes[name]], infos[name]) for name in values}
@@ -277,7 +296,7 @@ def _inputs_from_columns(columns, infos):
     for name, dtype in infos.items():
         if name not in columns:
             raise invalid(f"Missing named input: {name} in 'inputs' object.")
-        shape = _dense_shape(columns[name])
+        shape = _dense_shape(columns[name], name)
         collected = []
         _fill(columns[name], 0, dtype, shape, collected)
         tensors[name] = _tensor_proto(collected, shape, dtype)
@@ -286,12 +305,21 @@ def _inputs_from_columns(columns, infos):
 
 def parse_json(body):
     """ParseJson: the request document, which must be an object (trailing data is ignored, as rapidjson's
-    kParseStopWhenDoneFlag does; NaN and Infinity are accepted)."""
-    text = body.decode("utf-8", "surrogateescape")
+    kParseStopWhenDoneFlag does; NaN and Infinity are accepted; any depth, as its kParseIterativeFlag)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:  # rapidjson's words for it
+        raise invalid(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
     if not text.strip():
         raise invalid("JSON Parse error: The document is empty")
+    start = len(text) - len(text.lstrip())
     try:
-        document, _ = json.JSONDecoder().raw_decode(text, len(text) - len(text.lstrip()))
+        try:
+            document, _ = json.JSONDecoder().raw_decode(text, start)
+        except RecursionError:  # nested deeper than Python's recursion limit: parse it without recursion
+            document = _parse_nested(text, start)
+        except json.JSONDecodeError:  # parse again for rapidjson's words of the error
+            document = _parse_nested(text, start)
     except json.JSONDecodeError as error:
         raise invalid(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
     if not isinstance(document, dict):
@@ -299,23 +327,117 @@ def parse_json(body):
     return document
 
 
-def predict_request(core, model_spec, body):
-    """FillPredictRequestFromJson: (PredictRequest, "row" or "columnar")."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None, "NaN": float("nan"), "Infinity": float("inf"),
+             "-Infinity": float("-inf")}
+
+
+# Python's json messages for bad strings, in rapidjson's words (rapidjson/error/en.h)
+_STRING_ERRORS = {"Unterminated string": "Missing a closing quotation mark in string.",
+                  "Invalid control character": "Invalid encoding in string.",
+                  "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+                  "Invalid \\escape": "Invalid escape character in string."}
+
+
+def _scan_string(text, pos):
+    """json's string scanner at the character after the opening quote; errors in rapidjson's words."""
+    try:
+        return json.decoder.scanstring(text, pos)
+    except json.JSONDecodeError as error:
+        message = next((words for prefix, words in _STRING_ERRORS.items() if error.msg.startswith(prefix)),
+                       error.msg)
+        raise json.JSONDecodeError(message, text, error.pos) from None
+
+
+def _parse_nested(text, pos):
+    """The JSON value at `pos`, as json.JSONDecoder.raw_decode gives it, parsed with an explicit stack
+    instead of recursion, so that any depth parses (TF Serving's tests send 500,000 levels). Errors
+    carry rapidjson's words, as TF Serving's messages do."""
+    open_containers = []  # [container, key of the member being parsed (objects)]
+
+    def skip(at):
+        return _WHITESPACE.match(text, at).end()
+
+    def key(at):
+        at = skip(at)
+        if text[at:at + 1] != '"':
+            raise json.JSONDecodeError("Missing a name for object member.", text, at)
+        name, at = _scan_string(text, at + 1)
+        at = skip(at)
+        if text[at:at + 1] != ":":
+            raise json.JSONDecodeError("Missing a colon after a name of object member.", text, at)
+        return name, at + 1
+
+    while True:
+        pos = skip(pos)
+        char = text[pos:pos + 1]
+        if char in ("{", "["):
+            container, closing = ({}, "}") if char == "{" else ([], "]")
+            pos = skip(pos + 1)
+            if text[pos:pos + 1] != closing:
+                open_containers.append([container, None])
+                if char == "{":
+                    open_containers[-1][1], pos = key(pos)
+                continue
+            value, pos = container, pos + 1
+        elif char == '"':
+            value, pos = _scan_string(text, pos + 1)
+        else:
+            literal = next((word for word in _LITERALS if text.startswith(word, pos)), None)
+            number = _NUMBER.match(text, pos)
+            if literal is not None:
+                value, pos = _LITERALS[literal], pos + len(literal)
+            elif number:
+                value = float(number.group()) if number.group(1) or number.group(2) else int(number.group())
+                pos = number.end()
+            else:
+                raise json.JSONDecodeError("Invalid value.", text, pos)
+        while True:  # put the value in its container; close the containers that end here
+            if not open_containers:
+                return value
+            container, name = open_containers[-1]
+            if isinstance(container, dict):
+                container[name] = value
+            else:
+                container.append(value)
+            pos = skip(pos)
+            char = text[pos:pos + 1]
+            if char == ",":
+                if isinstance(container, dict):
+                    open_containers[-1][1], pos = key(pos + 1)
+                else:
+                    pos += 1
+                break
+            if isinstance(container, dict) and char != "}":
+                raise json.JSONDecodeError("Missing a comma or '}' after an object member.", text, pos)
+            if isinstance(container, list) and char != "]":
+                raise json.JSONDecodeError("Missing a comma or ']' after an array element.", text, pos)
+            value, pos = container, pos + 1
+            open_containers.pop()
+
+
+def _fill_signature(document, model_spec):
+    """FillSignature: the optional "signature_name" into the ModelSpec."""
+    if "signature_name" not in document:
+        return
+    if not isinstance(document["signature_name"], str):
+        raise invalid(f"JSON Value: {debug_string(document)} not formatted correctly. "
+                      "'signature_name' key must be a string value.")
+    try:
+        model_spec.signature_name = document["signature_name"]
+    except (UnicodeEncodeError, ValueError):  # a lone \\ud800 escape: no UTF-8 string (rapidjson's words)
+        raise invalid("JSON Parse error: The surrogate pair in string is invalid.") from None
+
+
+def predict_request(body, model_spec, input_types):
+    """FillPredictRequestFromJson: (PredictRequest, "row" or "columnar"). `input_types(model_spec)` gives the
+    signature's {input name: tf.DType} (TF Serving's GetInfoMap callback): they decide how values convert."""
     document = parse_json(body)
     request = predict_pb2.PredictRequest()
     request.model_spec.CopyFrom(model_spec)
-    if "signature_name" in document:
-        if not isinstance(document["signature_name"], str):
-            raise invalid(f"JSON Value: {debug_string(document)} not formatted correctly. "
-                          "'signature_name' key must be a string value.")
-        request.model_spec.signature_name = document["signature_name"]
-    # GetInfoMap: the signature's input dtypes decide how JSON values convert.
-    _, model = core.get(request.model_spec)
-    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    signature = model.signatures.get(signature_name)
-    if signature is None:  # INVALID_ARGUMENT here, where gRPC says FAILED_PRECONDITION: TF Serving's REST does
-        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
-    infos = {name: tf.dtypes.as_dtype(info.dtype) for name, info in sorted(signature.inputs.items())}
+    _fill_signature(document, request.model_spec)
+    infos = input_types(request.model_spec)
     if not infos:
         raise invalid(f"Failed to get input map for signature: {request.model_spec.signature_name or 'DEFAULT'}")
     has_instances, has_inputs = "instances" in document, "inputs" in document
@@ -336,6 +458,80 @@ def predict_request(core, model_spec, body):
     for name, proto in tensors.items():
         request.inputs[name].CopyFrom(proto)
     return request, layout
+
+
+def input_types(core, model_spec):
+    """GetInfoMap: the input dtypes of the signature a request names."""
+    _, model = core.get(model_spec)
+    signature_name = model_spec.signature_name or DEFAULT_SIGNATURE
+    signature = model.signatures.get(signature_name)
+    if signature is None:  # INVALID_ARGUMENT here, where gRPC says FAILED_PRECONDITION: TF Serving's REST does
+        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
+    return {name: tf.dtypes.as_dtype(info.dtype) for name, info in sorted(signature.inputs.items())}
+
+
+# ---- JSON request -> ClassificationRequest / RegressionRequest (FillClassifyRegressRequestFromJson) ----
+
+def classify_regress_request(body, model_spec, method):
+    """A ClassificationRequest (`method` "classify") or RegressionRequest ("regress") of tf.Examples."""
+    document = parse_json(body)
+    request = (classification_pb2.ClassificationRequest if method == "classify"
+               else regression_pb2.RegressionRequest)()
+    request.model_spec.CopyFrom(model_spec)
+    _fill_signature(document, request.model_spec)
+    with_context = "context" in document
+    if with_context:
+        _fill_example(document["context"], request.input.example_list_with_context.context)
+    if "examples" not in document:  # TF Serving says "classify" for :regress too
+        raise _format_error(document, "When method is classify, key 'examples' is expected and was not found")
+    examples = document["examples"]
+    if not isinstance(examples, list):
+        raise _format_error(document, "Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise _format_error(document, "'examples' value is an empty array")
+    target = (request.input.example_list_with_context.examples if with_context
+              else request.input.example_list.examples)
+    for value in examples:
+        _fill_example(value, target.add())
+    return request
+
+
+def _fill_example(value, example):
+    """MakeExampleFromJsonObject: {"feature": value or [values]} -> tf.train.Example."""
+    if not isinstance(value, dict):
+        raise invalid(f"Example must be JSON object but got JSON {_json_type(value)}")
+    for name, content in value.items():
+        feature = example.features.feature[name]
+        for item in content if isinstance(content, list) else [content]:
+            _add_feature_value(item, name, feature)
+
+
+FEATURE_KINDS = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
+
+
+def _add_feature_value(value, name, feature):
+    """AddValueToFeature: a feature takes the kind of its first value; the others must be of that kind."""
+    unexpected = invalid(f"Feature: {name} has element with unexpected JSON type: {_json_type(value)}")
+    if value is None or isinstance(value, list) or (isinstance(value, dict) and not _is_base64_object(value)):
+        raise unexpected
+    if isinstance(value, (bool, int)):
+        kind = "int64_list"
+        if not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            if 0 <= value < 2**64:
+                raise invalid(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
+            kind = "float_list"  # rapidjson reads an integer beyond 64 bits as a double
+    elif isinstance(value, float):
+        kind = "float_list"
+    else:
+        kind = "bytes_list"
+    current = feature.WhichOneof("kind")
+    if current not in (None, kind):
+        raise invalid(f"Unexpected element type in feature: {name} expecting type: {FEATURE_KINDS[current]}")
+    values = getattr(feature, kind).value
+    if kind == "bytes_list":
+        values.append(_b64decode(value) if isinstance(value, dict) else value.encode("utf-8"))
+    else:
+        values.append(int(value) if kind == "int64_list" else float(value))
 
 
 # ---- PredictResponse -> JSON (json_tensor.cc MakeJsonFromTensors) ----
@@ -361,8 +557,10 @@ def _float_texts(array):
     return np.array(texts, dtype=object).reshape(array.shape)
 
 
-def _value_texts(name, array):
-    """Each element of `array` as JSON text, the way TF Serving writes that dtype."""
+def _value_texts(name, array, dtype):
+    """Each element of `array` as JSON text, the way TF Serving writes that dtype (AddSingleValueAndAdvance)."""
+    if dtype not in JSON_WRITABLE:
+        raise invalid(f"Failed to write JSON value for tensor type: {_type_name(dtype)}")
     if array.dtype.kind == "f":
         return _float_texts(array)
     if array.dtype == object or array.dtype.kind in "SU":
@@ -392,10 +590,10 @@ def _nested(texts):
 
 def response_json(response, layout):
     """{"predictions": [...]} (row) or {"outputs": ...} (columnar) from a PredictResponse."""
-    arrays = {name: tf.make_ndarray(proto) for name, proto in sorted(response.outputs.items())}
-    if not arrays:
+    if not response.outputs:
         raise invalid("Cannot convert empty tensor map to JSON")
-    texts = {name: _value_texts(name, array) for name, array in arrays.items()}
+    texts = {name: _value_texts(name, tf.make_ndarray(proto), tf.dtypes.as_dtype(proto.dtype))
+             for name, proto in sorted(response.outputs.items())}
     if layout == "columnar":
         if len(texts) == 1:
             return '{\n    "outputs": %s\n}' % _nested(next(iter(texts.values())))
@@ -427,6 +625,10 @@ def error_json(message):
 def _model_spec(name, version, label):
     """FillModelSpecWithNameVersionAndLabel, after ParseModelInfo's decoding."""
     spec = model_pb2.ModelSpec()
+    if BAD_ESCAPE.search(name or ""):  # libevent refuses such a URL with 400 before TF Serving sees it
+        raise invalid(f"Failed to decode model name:{name}")
+    if BAD_ESCAPE.search(label or ""):
+        raise invalid(f"Failed to decode model version label:{label}")
     spec.name = urllib.parse.unquote(name or "")
     if version:
         number = int(version)
@@ -439,14 +641,31 @@ def _model_spec(name, version, label):
 
 
 def handle(core, method, path, body, run=None):
-    """(HTTP status, JSON text) for one REST call."""
+    """(HTTP status, JSON text) for one REST call, counted and timed as http_server.cc does."""
+    start = time.perf_counter()
+    code = "OK"
     try:
         return 200, _dispatch(core, method, path, body, run)
-    except SignatureError as error:
+    except ServingError as error:
+        code = error.code
         return HTTP_STATUS.get(error.code, 500), error_json(error.message)
     except Exception as error:  # a bug must cost one request an INTERNAL answer, never the connection
+        code = "INTERNAL"
         LOG.exception("REST %s %s failed", method, path)
         return 500, error_json(f"{type(error).__name__}: {error}")
+    finally:
+        model_name, api = _metric_labels(method, path)
+        METRICS.request(model_name, api, "REST", code, time.perf_counter() - start)
+
+
+def _metric_labels(method, path):
+    """(model name, method) as ParseModelInfo fills them: empty unless the path matched; the method (":predict")
+    only for POST."""
+    pattern = {"POST": PREDICT_PATH, "GET": STATUS_PATH}.get(method)
+    match = pattern.fullmatch(path) if pattern else None
+    if not match:
+        return "", ""
+    return urllib.parse.unquote(match.group(1) or ""), match.group(4) if method == "POST" else ""
 
 
 def _dispatch(core, method, path, body, run):
@@ -458,11 +677,12 @@ def _dispatch(core, method, path, body, run):
         name, version, label, verb = match.groups()
         spec = _model_spec(name, version, label)
         if verb == "predict":
-            request, layout = predict_request(core, spec, body)
+            request, layout = predict_request(body, spec, lambda model_spec: input_types(core, model_spec))
             return response_json(handlers.predict(core, request, run), layout)
-        if verb in ("classify", "regress"):
-            raise SignatureError("UNIMPLEMENTED", f":{verb} needs a {verb} signature; PatchNet's signatures "
-                                                  "are predict signatures (use :predict)")
+        if verb == "classify":  # case-sensitive, as in TF Serving: ":Classify" matches the path, then nothing
+            return handlers.classify(core, classify_regress_request(body, spec, verb))
+        if verb == "regress":
+            return handlers.regress(core, classify_regress_request(body, spec, verb))
         raise malformed
     if method == "GET":
         match = STATUS_PATH.fullmatch(path)
@@ -496,98 +716,110 @@ def _metadata_json(response):
            f'{as_json(signature_map)}}}\n}}\n'
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's libevent server
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: no 40 ms delayed-ACK stall
-    server_version = "patchnet-serve"
-
-    def _answer(self):
-        rest = self.server.rest
-        with rest.in_flight:
-            rest.requests += 1
-        try:
-            path = urllib.parse.urlsplit(self.path).path
-            body = self._body()
-            if body is None:
-                return
-            if not HANDLED_PATH.fullmatch(path):
-                self._send(404, "Not Found", "text/plain")
-                return
-            if self.command == "OPTIONS":  # CORS preflight, as http_server.cc answers it
-                if re.search(r"https?://", self.headers.get("Origin", "")):
-                    self._send(200, "")
-                else:
-                    self._send(400, error_json("Origin header is missing in CORS preflight"))
-                return
-            status, text = handle(rest.core, self.command, path, body, rest.run)
-            self._send(status, text)
-        finally:
-            with rest.in_flight:
-                rest.requests -= 1
-                rest.in_flight.notify_all()
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _answer
-
-    def _body(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self._send(400, error_json("Content-Length is not a number"))
-            return None
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _send(self, status, text, content_type="application/json"):
-        data = text.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format, *args):
-        LOG.debug("%s %s", self.address_string(), format % args)
-
-
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # idle keep-alive connections must not hold up a stop
-    request_queue_size = 1024  # socketserver's 5 resets connections when many clients connect at once
-
-
 class RestServer:
-    """The REST front end of a local server: `.port`, `.start()`, `.stop()`."""
+    """The REST front end of a local server on uvicorn (HTTP/1.1: parsing, chunking, keep-alive) with a
+    Starlette app, the stack KServe's Python model server uses: `.port`, `.start()`, `.stop()`. uvicorn
+    runs with its C parser (httptools) and event loop (uvloop): `python -m bench.rest_servers` measured
+    them at about twice the throughput of its pure-Python h11 and asyncio.
 
-    def __init__(self, core, host, port, run=None):
+    The body is refused before it is read when its Content-Length (or, chunked, the bytes received so
+    far) exceeds `max_body_bytes`, the same cap as gRPC's --max-message-bytes, with gRPC's message.
+    """
+
+    def __init__(self, core, host, port, run=None, max_body_bytes=2**31 - 1, metrics_path=None):
         self.core = core
         self.run = run
-        self.in_flight = threading.Condition()
-        self.requests = 0
+        self.metrics_path = metrics_path  # answered with Prometheus text (serving.metrics), as TF Serving's
+        self.max_body_bytes = max_body_bytes
+        self.body_idle_seconds = BODY_IDLE_SECONDS
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it
+        # a response written as headers then body waits 40 ms for the client's delayed ACK.
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:  # bound now, before any model loads, like the gRPC port
-            self._server = _HTTPServer((host, port), _Handler)
+            self._socket.bind((host.strip("[]"), port))
         except OSError as error:
+            self._socket.close()
             raise PatchNetError(f"cannot bind {host}:{port} for the REST API ({error.strerror})") from None
-        self._server.rest = self
-        self.port = self._server.server_address[1]
+        self.port = self._socket.getsockname()[1]
+        app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=HTTP_METHODS)])
+        # Keep-alive connections idle longer than a minute are closed; TF Serving's libevent server has no
+        # such timeout, but an idle client pool reconnects transparently.
+        config = uvicorn.Config(app, http="httptools", loop="uvloop", lifespan="off", access_log=False,
+                                log_level="warning", timeout_keep_alive=60, backlog=1024, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
         self._thread = None
 
+    async def _endpoint(self, request):
+        path = request.scope["raw_path"].decode("latin-1")  # TF Serving matches the undecoded path
+        if path == self.metrics_path:  # http_server.cc ProcessPrometheusRequest: any method, no body read
+            return Response(METRICS.text(), 200, media_type="text/plain")
+        if not HANDLED_PATH.fullmatch(path):
+            return Response("Not Found", 404, media_type="text/plain")
+        try:
+            body = await read_body(request, self.max_body_bytes, self.body_idle_seconds)
+        except ServingError as error:  # the rest of the body is not read: close the connection after the answer
+            response = error_response(error.code, error.message)
+            response.headers["connection"] = "close"
+            return response
+        except ClientDisconnect:  # a bad chunk: uvicorn has answered 400 and closed the connection
+            return Response(status_code=400)
+        if request.method == "OPTIONS":  # CORS preflight, as http_server.cc answers it
+            if re.search(r"https?://", request.headers.get("origin", "")):
+                return Response("", 200, media_type="application/json")
+            return error_response("FAILED_PRECONDITION", "Origin header is missing in CORS preflight")
+        status, text = await run_in_threadpool(handle, self.core, request.method, path, body, self.run)
+        return Response(text, status, media_type="application/json")
+
     def start(self):
-        self._thread = threading.Thread(target=self._server.serve_forever, name="rest", daemon=True)
+        self._socket.listen(1024)  # connections wait in the backlog until uvicorn's loop accepts them
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, name="rest",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, grace=5.0):
         """Stops accepting, waits up to `grace` seconds for calls in flight, closes the socket."""
         if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-        with self.in_flight:
-            self.in_flight.wait_for(lambda: self.requests == 0, timeout=grace)
-        self._server.server_close()
+            self._server.config.timeout_graceful_shutdown = grace  # read by uvicorn when it shuts down
+            self._server.should_exit = True
+            self._thread.join(grace + 5)
+        self._socket.close()
+
+
+BODY_IDLE_SECONDS = 30.0
+HTTP_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+
+
+def error_response(code, message):
+    """`{"error": message}` with the HTTP status TF Serving gives the gRPC code; before the handler, 413 for
+    a body over the cap and 408 for one that stopped arriving."""
+    status = {"RESOURCE_EXHAUSTED": 413, "DEADLINE_EXCEEDED": 408}.get(code) or HTTP_STATUS.get(code, 500)
+    return Response(error_json(message), status, media_type="application/json")
+
+
+async def read_body(request, limit, idle_seconds):
+    """The request body, refused with gRPC's RESOURCE_EXHAUSTED message before it is read when its
+    Content-Length is over `limit`, or as soon as more than `limit` bytes of a chunked body arrived; a body
+    that stops arriving for `idle_seconds` (a chunk announced and never sent) is refused too."""
+    length = request.headers.get("content-length")
+    if length is not None and int(length) > limit:  # uvicorn has refused a Content-Length that is no number
+        raise ServingError("RESOURCE_EXHAUSTED", too_large(int(length), limit))
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_seconds)
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise ServingError("DEADLINE_EXCEEDED", f"no request body bytes arrived for {idle_seconds:g} s; "
+                                                    f"{size} of the body received") from None
+        size += len(chunk)
+        if size > limit:
+            raise ServingError("RESOURCE_EXHAUSTED", too_large(size, limit))
+        chunks.append(chunk)
+
+
+def too_large(size, limit):
+    return f"SERVER: Received message larger than max ({size} vs. {limit})"  # gRPC core's words for the same cap

@@ -119,10 +119,11 @@ def test_version_labels_as_tf_serving(exports, tmp_path, capsys):
             grpc.StatusCode.INVALID_ARGUMENT, "Unrecognized servable version label: beta")
         assert rpc_error(lambda: predict(stub, "m", data, label="next")) == (
             grpc.StatusCode.NOT_FOUND, "Servable not found for request: Specific(m, 7)")
-        # GetModelStatus does not look at the label (get_model_status_impl.cc): every version.
+        # GetModelStatus does not look at the label (get_model_status_impl.cc): every version, newest first
+        # (ServableStateMonitor's VersionMap is ordered by std::greater).
         status = status_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(
             model_spec={"name": "m", "version_label": "stable"}))
-        assert [(s.version, s.state) for s in status.model_version_status] == [(1, AVAILABLE), (2, AVAILABLE)]
+        assert [(s.version, s.state) for s in status.model_version_status] == [(2, AVAILABLE), (1, AVAILABLE)]
         # A label moved onto a version that is not available is refused; the labels served before stay.
         moved = model_server_config_pb2.ModelServerConfig()
         moved.CopyFrom(server.core.config)

@@ -30,17 +30,16 @@ only on (seed, split, class, i).
     python -m pipelines.digits OUT [--image-size 64] [--count 160] [--seed 0] [--classes 3]
 """
 
-import argparse
 import json
 import os
 
 import cv2
 import numpy as np
 
-from patchnet_tf.atomic import atomic_write_text, check_output_path
+from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.errors import PatchNetError
 from pipelines.data import DATASET_FILE
-from pipelines.textures import SPLIT_NAMES, write_png
+from pipelines.textures import SPLIT_NAMES, generator_parser, write_or_exit, write_png
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DISTRACTOR_CLASS = "distractors"
@@ -204,25 +203,13 @@ def write_digit_dataset(root, *, image_size=(64, 64), count=None, seed=0, classe
 
 
 def main(argv=None):
-    from patchnet_tf.flag_types import image_size, nonnegative_int, positive_int
-
-    parser = argparse.ArgumentParser(prog="python -m pipelines.digits", description=__doc__.split("\n")[0])
-    parser.add_argument("root", help="output folder")
-    parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    parser.add_argument("--count", type=positive_int, default=None,
-                        help="images per class per split (default: 160 train, 48 val, 48 test)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the source split and the placement")
+    parser = generator_parser("pipelines.digits", __doc__, "default: 160 train, 48 val, 48 test",
+                              "seeds the split of the handwriting and the placement")
     parser.add_argument("--classes", type=int, choices=(2, 3), default=2,
                         help="3: distractors, four and seven, masks per class")
     args = parser.parse_args(argv)
-    try:
-        check_output_path(args.root, "root")
-        write_digit_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
-                            classes=args.classes)
-    except (PatchNetError, OSError) as error:
-        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
-        parser.exit(2, f"{parser.prog}: error: {where}{getattr(error, 'strerror', None) or error}\n")
-    print(f"wrote {args.root}")
+    write_or_exit(parser, args.root, lambda: write_digit_dataset(
+        args.root, image_size=args.image_size, count=args.count, seed=args.seed, classes=args.classes))
 
 
 if __name__ == "__main__":

@@ -226,15 +226,32 @@ def write_png(path, array):
             raise OSError(f"{path}: could not write")
 
 
-def main(argv=None):
+def generator_parser(module, docstring, count_help, seed_help):
+    """The command line every bundled dataset generator shares: ROOT, --image-size, --count, --seed."""
     from patchnet_tf.flag_types import image_size, nonnegative_int, positive_int
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.textures", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=docstring.split("\n")[0])
     parser.add_argument("root", help="output folder")
     parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    parser.add_argument("--count", type=positive_int, default=None,
-                        help="images per class per split (default: 40 train, 16 val, 16 test)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds crops and inlay placement")
+    parser.add_argument("--count", type=positive_int, default=None, help=f"images per class per split ({count_help})")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help=seed_help)
+    return parser
+
+
+def write_or_exit(parser, root, write):
+    """Calls `write()` for ROOT; a bad path or a failed write is one line and exit status 2."""
+    try:
+        check_output_path(root, "root")
+        write()
+    except (PatchNetError, OSError) as error:
+        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
+        parser.exit(2, f"{parser.prog}: error: {where}{getattr(error, 'strerror', None) or error}\n")
+    print(f"wrote {root}")
+
+
+def main(argv=None):
+    parser = generator_parser("pipelines.textures", __doc__, "default: 40 train, 16 val, 16 test",
+                              "seeds crops and inlay placement")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="brick",
                         help="brick: brick inlays on grass or gravel; grass: grass inlays on brick or gravel")
     parser.add_argument("--tint", action="store_true",
@@ -242,14 +259,9 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, choices=(2, 3), default=2,
                         help="3: plain, brick and grass inlays on gravel, masks per class (--variant does not apply)")
     args = parser.parse_args(argv)
-    try:
-        check_output_path(args.root, "root")
-        write_texture_dataset(args.root, image_size=args.image_size, count=args.count, seed=args.seed,
-                              variant=args.variant, tint=args.tint, classes=args.classes)
-    except (PatchNetError, OSError) as error:
-        where = f"{error.filename}: " if isinstance(error, OSError) and error.filename else ""
-        parser.exit(2, f"{parser.prog}: error: {where}{getattr(error, 'strerror', None) or error}\n")
-    print(f"wrote {args.root}")
+    write_or_exit(parser, args.root, lambda: write_texture_dataset(
+        args.root, image_size=args.image_size, count=args.count, seed=args.seed, variant=args.variant,
+        tint=args.tint, classes=args.classes))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ from patchnet_tf.flag_types import (
 from patchnet_tf.errors import PatchNetError
 from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.loader import DEFAULT_SIGNATURE, WARMUP_PATH, LoadedModel, SignatureError, first_line
+from serving.memory import returns_memory
 from serving.warmup import replay_warmup
 
 LOG = logging.getLogger("patchnet.serve")
@@ -505,6 +506,7 @@ def _status_name(error):
     return "INTERNAL"
 
 
+@returns_memory
 def predict(core, request, run=None):
     """PredictionService.Predict for both front ends (gRPC and REST), so their codes and messages are one.
 

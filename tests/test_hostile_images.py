@@ -1,4 +1,5 @@
-"""Decompression bombs: the exported graph refuses them from their headers, before decoding (pipelines/export.py).
+"""Decompression bombs: the exported graph refuses them from their headers, before decoding (pipelines/export.py);
+and the server's memory after a burst of large requests (serving/memory.py).
 
 A tiny model is exported with a low limit (100 x 100 pixels per image, 25,000 per request), so the
 images that cross it are a few KiB; the bombs are real PNGs of 8192 x 8192 zeros (64 KiB each) that
@@ -7,6 +8,7 @@ process, whose peak RSS is read from /proc (VmHWM, reset through clear_refs).
 """
 
 import struct
+import time
 import zlib
 
 import cv2
@@ -15,11 +17,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from patchnet_tf import build_patchnet
 from patchnet_tf.cli import main as cli_main
+from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.preprocessing import encoded_image_size
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
 from serving import client
+from serving import memory
 from serving.loader import LoadedModel
 from serving.server import start_server
 from test_serving import MODEL, PREPROCESSING, outputs, request, tiny_model
@@ -29,6 +34,8 @@ MAX_REQUEST_PIXELS = 25_000
 BOMB_SIDE = 8192
 # Decoding one bomb costs 8192^2 x (3 bytes uint8 + 12 bytes float32) = 960 MiB; refusing it costs nothing.
 PEAK_RSS_GROWTH_MIB = 150
+BURST_IMAGES = 2048
+RETAINED_AFTER_BURST_MIB = 150
 
 
 def png_bomb(width, height):
@@ -162,3 +169,34 @@ def test_export_bakes_the_flags_into_the_graph_and_refuses_a_request_limit_below
             model.run("heatmap", {"image_bytes": np.array([encode(25, 20, ".jpg")] * 3, object)})
     finally:
         model.close()
+
+
+def test_the_memory_of_a_burst_is_given_back(tmp_path):
+    """One request of 2048 PNGs takes the server's RSS up by over a GiB (the batch's activations and
+    the request's copies); a moment later it is back within RETAINED_AFTER_BURST_MIB of where it was."""
+    export_dir = write_saved_model(build_patchnet(9, filters=8, conv_layers=2), Preprocessing(image_size=(64, 64)),
+                                   str(tmp_path / "export"))
+    copy_version(export_dir, str(tmp_path / MODEL), 1)
+    server = start_server(str(tmp_path / MODEL), MODEL, port=0, poll_seconds=0.2)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        server.wait_for_version(1)
+        stub = client.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        rng = np.random.default_rng(0)
+        pngs = [cv2.imencode(".png", rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))[1].tobytes()
+                for _ in range(16)]
+        predict(stub, pngs[:4])
+        time.sleep(memory.FOLLOW_UP_SECONDS + 0.5)  # any trim the warm-up request started is over
+        before = rss_mib("VmRSS")
+        reset_peak_rss()
+        assert predict(stub, pngs * (BURST_IMAGES // 16))["probability"].shape == (BURST_IMAGES,)
+        peak = rss_mib("VmHWM")
+        assert peak - before > 2 * RETAINED_AFTER_BURST_MIB  # a burst the bound below can tell from none
+        time.sleep(memory.FOLLOW_UP_SECONDS + 0.5)
+        retained = rss_mib("VmRSS") - before
+        print(f"RSS {before:.0f} MiB, peak {peak:.0f}, {retained:+.0f} MiB a moment after the burst")
+        assert retained < RETAINED_AFTER_BURST_MIB, f"{retained:.0f} MiB still held after the burst"
+        assert predict(stub, pngs[:1])["probability"].shape == (1,)
+    finally:
+        channel.close()
+        server.stop()

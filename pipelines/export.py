@@ -269,12 +269,12 @@ def write_saved_model(model, preprocessing, export_dir, *, heatmap_stride=1,
                       chunk_patches=DEFAULT_CHUNK_PATCHES, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
                       max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
     """Writes the SavedModel to `export_dir` (which must not exist) atomically."""
+    check_pixel_limits(max_image_pixels, max_request_pixels)
     export_dir = os.path.abspath(export_dir)
     if os.path.exists(export_dir):
         raise PatchNetError(f"{export_dir}: already exists; export into a new folder")
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
-    check_pixel_limits(max_image_pixels, max_request_pixels)
     archive = build_export_archive(
         model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches,
         max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
@@ -337,6 +337,7 @@ def add_arguments(parser):
 
 def run(args):
     check_output_path(args.out, "--out")
+    check_pixel_limits(args.max_image_pixels, args.max_request_pixels)  # before the model loads
     path = export_saved_model(
         args.model, args.out, heatmap_stride=args.heatmap_stride, chunk_patches=args.chunk_patches,
         max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,

@@ -27,12 +27,15 @@ import base64
 import concurrent.futures
 import http.client
 import json
+import os
 import shutil
 import tempfile
 import threading
 import time
 
-from bench.common import environment, print_table, write_json
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")  # TensorFlow as `patchnet serve` starts it
+
+from bench.common import environment, print_table, write_json  # noqa: E402
 
 import cv2  # noqa: E402
 import grpc  # noqa: E402

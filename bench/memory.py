@@ -4,12 +4,12 @@
     python -m bench.memory --all    # also MALLOC_ARENA_MAX=2 and the trim on oneDNN's pool; about 3 minutes
 
 Two bursts, as the issue measured them: one gRPC request of 4096 PNGs (128 x 128, `classify` of a
-small subnet at 64 x 64 input, whose activations for the batch take about 2 GB), then
-300 MiB of junk bytes in one request (refused with INVALID_ARGUMENT). One server after the other, the
-same export and requests: the server as it was (oneDNN's own BFC allocator, TensorFlow's default,
-TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0; no malloc_trim, PATCHNET_MALLOC_TRIM=0), then with malloc for
-oneDNN (what `patchnet serve` sets) without and with serving/memory.py's trim (the default); --all
-adds the BFC server with MALLOC_ARENA_MAX=2 and with the trim. RSS is read from /proc/PID/status of the server process. Prints a table,
+small subnet at 64 x 64 input), then 300 MiB of junk bytes in one request (refused with
+INVALID_ARGUMENT). One server after the other, the same export and requests: the server as it was
+(oneDNN's own BFC allocator, TensorFlow's default, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0; no malloc_trim,
+PATCHNET_MALLOC_TRIM=0), then with malloc for oneDNN (what `patchnet serve` sets) without and with
+serving/memory.py's trim (the default); --all adds the BFC server with MALLOC_ARENA_MAX=2 and with
+the trim. RSS is read from /proc/PID/status of the server process. Prints a table,
 writes bench/results/memory.json.
 """
 

@@ -9,6 +9,7 @@ to `patchnet_tf.cli`, which imports that command's module.
 
 import argparse
 import copy
+import os
 import sys
 
 COMMANDS = {
@@ -65,6 +66,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         return answer_without_a_command(argv)
+    if argv[0] == "serve":
+        # Read by TensorFlow when it starts, so here: oneDNN's ops then allocate with malloc, which
+        # serving/memory.py can trim, instead of a BFC pool that keeps a burst's peak (docs/serving.md).
+        os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
     from patchnet_tf.cli import run_command  # imports TensorFlow
 
     return run_command(argv[0], argv[1:])

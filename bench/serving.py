@@ -15,7 +15,10 @@ images per session run, 5 ms window, 2 batch threads). Each client opens its
 own channel or keep-alive HTTP connection and sends requests back to back
 for `--seconds` per block; blocks of the five paths are interleaved so load
 changes on the shared machine hit all of them. Reports p50 / p99 latency,
-requests/s, and each path's ratios to in-process in the same cell; writes
+requests/s, and each path's ratios to in-process in the same cell, each batching path's requests/s
+against the same transport unbatched, and this process's CPU time per request (servers and clients
+run in it): on a machine shared with other jobs, requests/s follows how many threads a path keeps
+runnable, CPU time does not. `--clients 16` measures one column. Writes
 bench/results/serving[_quick].json.
 """
 
@@ -24,12 +27,15 @@ import base64
 import concurrent.futures
 import http.client
 import json
+import os
 import shutil
 import tempfile
 import threading
 import time
 
-from bench.common import environment, print_table, write_json
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")  # TensorFlow as `patchnet serve` starts it
+
+from bench.common import environment, print_table, write_json  # noqa: E402
 
 import cv2  # noqa: E402
 import grpc  # noqa: E402
@@ -95,8 +101,8 @@ def rest_client(port, data, signature):
 
 
 def run_block(make_client, clients, seconds, minimum):
-    """Latencies (s) and requests/s of `clients` threads calling back to back for `seconds`
-    (and at least `minimum` requests in all)."""
+    """Latencies (s), requests/s and CPU seconds of this process per request of `clients` threads calling
+    back to back for `seconds` (and at least `minimum` requests in all)."""
     latencies, lock = [], threading.Lock()
     done = [0]
     start_time = [0.0]
@@ -134,10 +140,12 @@ def run_block(make_client, clients, seconds, minimum):
             for future in futures:
                 future.result()  # raises the client's error
             raise
+        cpu_start = time.process_time()
         for future in futures:
             future.result()
         wall = time.perf_counter() - start_time[0]
-    return latencies, len(latencies) / wall
+        cpu = time.process_time() - cpu_start
+    return latencies, len(latencies) / wall, cpu / max(len(latencies), 1)
 
 
 def main():
@@ -146,8 +154,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=None,
                         help="seconds per block (default 1.2, quick 0.6)")
     parser.add_argument("--blocks", type=int, default=2, help="interleaved blocks per path and cell")
+    parser.add_argument("--clients", default=",".join(map(str, CLIENTS)),
+                        help="concurrent clients per cell, comma-separated (default 1,4,16)")
     args = parser.parse_args()
     quick = args.quick
+    client_counts = [int(count) for count in args.clients.split(",")]
     size, filters, layers, stride = (64, 16, 3, 4) if quick else (128, 64, 7, 7)
     seconds = args.seconds or (0.6 if quick else 1.2)
     keras.utils.set_random_seed(0)
@@ -183,14 +194,15 @@ def main():
 
         cells = {}
         for signature in SIGNATURES:
-            for clients in CLIENTS:
-                measured = {path: {"latency": [], "rates": []} for path in PATHS}
+            for clients in client_counts:
+                measured = {path: {"latency": [], "rates": [], "cpu": []} for path in PATHS}
                 stats_before = servers["batching"].batcher.stats()
                 for _ in range(args.blocks):
                     for path in PATHS:
-                        latency, rate = run_block(factories[path](signature), clients, seconds, minimum=clients)
+                        latency, rate, cpu = run_block(factories[path](signature), clients, seconds, minimum=clients)
                         measured[path]["latency"] += latency
                         measured[path]["rates"].append(rate)
+                        measured[path]["cpu"].append(cpu)
                 stats_after = servers["batching"].batcher.stats()
                 batches = stats_after["batches"] - stats_before["batches"]
                 measured["requests_per_batch"] = (
@@ -208,6 +220,7 @@ def main():
         reference = measured["in-process"]
         base_p50 = percentile(reference["latency"], 50)
         base_rate = float(np.median(reference["rates"]))
+        unbatched_rates = {path: float(np.median(measured[path.replace(" batching", "")]["rates"])) for path in PATHS}
         for path in PATHS:
             latency, rates = measured[path]["latency"], measured[path]["rates"]
             rate = float(np.median(rates))
@@ -216,6 +229,8 @@ def main():
                 "p50_ms": percentile(latency, 50), "p99_ms": percentile(latency, 99), "rps": rate,
                 "p50_vs_in_process": percentile(latency, 50) / base_p50, "rps_vs_in_process": rate / base_rate,
                 "requests_per_batch": measured["requests_per_batch"] if "batching" in path else "",
+                "rps_vs_unbatched": rate / unbatched_rates[path] if "batching" in path else "",
+                "cpu_ms_per_request": float(np.median(measured[path]["cpu"])) * 1e3,
             })
     print_table(
         f"bench.serving ({'quick' if quick else 'default'}): 1 PNG of {size}x{size} per request, subnet p=21 "
@@ -225,7 +240,8 @@ def main():
         [("signature", "signature"), ("clients", "clients"), ("path", "path"), ("requests", "requests"),
          ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("rps", "req/s"),
          ("p50_vs_in_process", "p50 / in-process"), ("rps_vs_in_process", "req/s / in-process"),
-         ("requests_per_batch", "requests per batch")],
+         ("requests_per_batch", "requests per batch"), ("rps_vs_unbatched", "req/s / unbatched"),
+         ("cpu_ms_per_request", "CPU ms / request")],
     )
     write_json("serving_quick" if quick else "serving", {
         "environment": environment(), "quick": quick, "image_size": size, "filters": filters,

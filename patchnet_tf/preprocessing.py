@@ -22,6 +22,55 @@ def decode_image(image_bytes, channels=3):
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
+# Leading bytes that hold every size field read below (BMP's height ends at byte 26).
+_HEADER_BYTES = 26
+
+
+def _header_integer(head, offset, length, big_endian):
+    """The unsigned integer of `length` bytes at `offset` in each row of `head` (int64 [B, N])."""
+    positions = list(range(offset, offset + length))
+    value = tf.zeros_like(head[:, 0])
+    for position in positions if big_endian else reversed(positions):
+        value = value * 256 + head[:, position]
+    return value
+
+
+def _jpeg_size(data):
+    """(width, height) of one JPEG from its SOFn marker, by libjpeg's own header parser; (0, 0) for other formats."""
+    return tf.cond(
+        tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff"),
+        lambda: tf.reverse(tf.io.extract_jpeg_shape(data, output_type=tf.int64)[:2], [0]),
+        lambda: tf.zeros([2], tf.int64),
+    )
+
+
+def encoded_image_size(image_bytes):
+    """[B] encoded images -> int64 [B, 2] (width, height) read from each header; nothing is decoded.
+
+    PNG: IHDR, bytes 16-24, big-endian (libpng refuses a file whose first chunk is not IHDR). BMP: the
+    info header, bytes 18-26, little-endian and signed (a negative height is a top-down image), as
+    TF's BMP decoder reads them. GIF: the logical screen, bytes 6-10, the size TF decodes a frame to.
+    JPEG: the SOFn marker (`tf.io.extract_jpeg_shape`, the decoder's parser, so both agree).
+    Another format, or a PNG, BMP or GIF header cut short, reads as 0 x 0 and is left to the decoder
+    to refuse with its own message.
+    """
+    padding = tf.constant(b"\0" * _HEADER_BYTES)
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, _HEADER_BYTES), padding]),
+                             0, _HEADER_BYTES)
+    head = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+    magic = tf.strings.substr(image_bytes, 0, 4)
+    png = tf.stack([_header_integer(head, 16, 4, True), _header_integer(head, 20, 4, True)], axis=1)
+    signed = tf.stack([_header_integer(head, 18, 4, False), _header_integer(head, 22, 4, False)], axis=1)
+    bmp = tf.abs(tf.where(signed >= 2**31, signed - 2**32, signed))
+    gif = tf.stack([_header_integer(head, 6, 2, False), _header_integer(head, 8, 2, False)], axis=1)
+    jpeg = tf.map_fn(_jpeg_size, image_bytes, fn_output_signature=tf.TensorSpec([2], tf.int64))
+    size = tf.zeros_like(png)
+    for prefix, format_size in ((b"\x89PNG", png), (b"BM", bmp), (b"GIF8", gif), (b"\xff\xd8\xff", jpeg)):
+        matches = tf.equal(tf.strings.substr(magic, 0, len(prefix)), prefix)
+        size = tf.where(matches[:, None], format_size, size)
+    return size
+
+
 def resize(images, image_size):
     """Bilinear resize to (height, width); values stay in [0, 1]."""
     return tf.clip_by_value(tf.image.resize(images, image_size, antialias=True), 0.0, 1.0)

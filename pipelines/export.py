@@ -36,7 +36,7 @@ from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
-from patchnet_tf.preprocessing import decode_image
+from patchnet_tf.preprocessing import decode_image, encoded_image_size
 from patchnet_tf.runs import load_trained_model
 
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -47,6 +47,16 @@ IMAGES = "images"
 # Leading bytes of the formats tf.io.decode_image reads; checked in the graph
 # so that even the stock server answers "not an image" naming the input.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+# Decompression-bomb limits, read from the encoded headers before anything is decoded. 64 megapixels
+# per image is above a digital mammogram or a large dermoscopy photograph (20-50 megapixels); a
+# request may hold four such images. Decoding costs about 16 bytes per pixel at its peak (uint8,
+# float32 and the resize), so the request limit bounds a request's memory at about 4 GB.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 256_000_000
+
+# Images per model call in the classify and heatmap signatures (see ServingModule.probabilities).
+MODEL_CHUNK_IMAGES = 2
 
 
 def as_float32(model):
@@ -100,12 +110,31 @@ def _check_image_bytes(image_bytes):
     )
 
 
+def _check_pixels(image_bytes, max_image_pixels, max_request_pixels):
+    """Graph-side bomb guard: each image's and the whole batch's pixels, from the headers alone."""
+    size = encoded_image_size(image_bytes)
+    pixels = size[:, 0] * size[:, 1]
+    first_over = tf.argmax(tf.cast(pixels > max_image_pixels, tf.int32))
+    image_check = tf.debugging.Assert(tf.reduce_all(pixels <= max_image_pixels), [tf.strings.format(
+        IMAGE_BYTES + ": image {} of the batch is {}x{} pixels ({}), over the limit of {} pixels per image",
+        (first_over, size[first_over, 0], size[first_over, 1], pixels[first_over],
+         tf.constant(max_image_pixels, tf.int64)))])
+    with tf.control_dependencies([image_check]):  # every image is under its limit: the sum cannot overflow
+        total = tf.reduce_sum(pixels)
+    return tf.debugging.Assert(total <= max_request_pixels, [tf.strings.format(
+        IMAGE_BYTES + ": the {} images of the request hold {} pixels, over the limit of {} pixels per request",
+        (tf.size(pixels), total, tf.constant(max_request_pixels, tf.int64)))])
+
+
 class ServingModule:
     """The four signature functions of one model; traced by `build_export_archive`."""
 
-    def __init__(self, model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+    def __init__(self, model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES,
+                 max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
         self.model = as_float32(model)
         self.preprocessing = preprocessing
+        self.max_image_pixels = max_image_pixels
+        self.max_request_pixels = max_request_pixels
         self.heatmap_fn = dense_heatmap_fn(
             self.model, stride=heatmap_stride, chunk_patches=chunk_patches
         )
@@ -124,6 +153,9 @@ class ServingModule:
         """[B] encoded images -> [B, H, W, C] model input (decode, resize, gamma, colour)."""
         with tf.control_dependencies([_check_image_bytes(image_bytes)]):
             image_bytes = tf.identity(image_bytes)
+        # Only once the sizes are known to be within the limits does any decoding start.
+        with tf.control_dependencies([_check_pixels(image_bytes, self.max_image_pixels, self.max_request_pixels)]):
+            image_bytes = tf.identity(image_bytes)
         return tf.map_fn(
             lambda data: self.preprocessing(decode_image(data, self.preprocessing.channels)),
             image_bytes,
@@ -140,10 +172,27 @@ class ServingModule:
         return self.preprocessing(images)
 
     def probability(self, inputs):
-        return tf.cast(self.model(inputs, training=False), tf.float32)[:, 0]
+        return self.probabilities(inputs)[:, 0]
 
     def probabilities(self, inputs):
-        return tf.cast(self.model(inputs, training=False), tf.float32)
+        """The model on [B, H, W, C], MODEL_CHUNK_IMAGES images per call, two calls at a time.
+
+        One call on a merged batch costs more CPU per image than calls on a few images (its activations
+        leave the cache, and above glibc's mmap threshold every buffer is fresh pages): 62 ms against
+        46 for the paper's subnet at 128 x 128, 16 images in one call. In chunks of two, server-side
+        batching costs what single requests cost per image (measured equal within 5 %)."""
+        count = tf.shape(inputs)[0]
+        chunks = tf.math.floordiv(count + MODEL_CHUNK_IMAGES - 1, MODEL_CHUNK_IMAGES)
+
+        def chunk(index, outputs):
+            start = index * MODEL_CHUNK_IMAGES
+            part = inputs[start:tf.minimum(start + MODEL_CHUNK_IMAGES, count)]
+            return index + 1, outputs.write(index, tf.cast(self.model(part, training=False), tf.float32))
+
+        outputs = tf.TensorArray(tf.float32, size=chunks, infer_shape=False,
+                                 element_shape=tf.TensorShape([None, self.model.output_shape[-1]]))
+        _, outputs = tf.while_loop(lambda index, _: index < chunks, chunk, (0, outputs), parallel_iterations=2)
+        return outputs.concat()
 
     def heatmaps(self, inputs):
         # One image at a time: memory is bounded by the heatmap's chunk, not the batch.
@@ -184,10 +233,12 @@ class ServingModule:
         return self.heatmap_outputs(self.scale(images))
 
 
-def build_export_archive(model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+def build_export_archive(model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES,
+                         max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
     """An ExportArchive holding the five signatures of SPEC section 6."""
     module = ServingModule(
-        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches,
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
     )
     bytes_spec = [tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)]
     images_spec = [tf.TensorSpec([None, None, None, preprocessing.channels], tf.float32, name=IMAGES)]
@@ -216,15 +267,18 @@ def build_export_archive(model, preprocessing, *, heatmap_stride=1, chunk_patche
 
 
 def write_saved_model(model, preprocessing, export_dir, *, heatmap_stride=1,
-                      chunk_patches=DEFAULT_CHUNK_PATCHES):
+                      chunk_patches=DEFAULT_CHUNK_PATCHES, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+                      max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
     """Writes the SavedModel to `export_dir` (which must not exist) atomically."""
+    check_pixel_limits(max_image_pixels, max_request_pixels)
     export_dir = os.path.abspath(export_dir)
     if os.path.exists(export_dir):
         raise PatchNetError(f"{export_dir}: already exists; export into a new folder")
     parent = os.path.dirname(export_dir)
     os.makedirs(parent, exist_ok=True)
     archive = build_export_archive(
-        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+        model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches,
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
     )
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
@@ -235,14 +289,33 @@ def write_saved_model(model, preprocessing, export_dir, *, heatmap_stride=1,
     return export_dir
 
 
-def export_saved_model(model_path, export_dir, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES):
+def export_saved_model(model_path, export_dir, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES,
+                       max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
     """Run folder (or model.keras beside preprocessing.json) -> SavedModel at `export_dir`."""
     model, preprocessing = load_trained_model(model_path)
     if not _has_subnet(model):
         raise PatchNetError(f"{model_path}: not a PatchNet model (no 'subnet'); only PatchNet exports")
     return write_saved_model(
-        model, preprocessing, export_dir, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches
+        model, preprocessing, export_dir, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches,
+        max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
     )
+
+
+def check_pixel_limits(max_image_pixels, max_request_pixels):
+    """A request limit below the image limit would refuse, as a request, an image its own limit allows."""
+    if max_request_pixels < max_image_pixels:
+        raise PatchNetError(f"--max-request-pixels {max_request_pixels} is below --max-image-pixels "
+                            f"{max_image_pixels}; a request must be able to hold one image of the largest size")
+
+
+def add_pixel_limit_arguments(parser):
+    """--max-image-pixels and --max-request-pixels, shared by export and push."""
+    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse (INVALID_ARGUMENT, before decoding) an image whose header declares more "
+                             f"pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}: 64 megapixels)")
+    parser.add_argument("--max-request-pixels", type=positive_int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                        help="refuse a request whose images together declare more pixels than this "
+                             f"(default {DEFAULT_MAX_REQUEST_PIXELS:,})")
 
 
 def _has_subnet(model):
@@ -260,12 +333,15 @@ def add_arguments(parser):
                         help="stride of the heatmap signatures (1 = every pixel, the paper's map)")
     parser.add_argument("--chunk-patches", type=positive_int, default=DEFAULT_CHUNK_PATCHES,
                         help="patches per subnet call inside the heatmap signature (bounds memory)")
+    add_pixel_limit_arguments(parser)
 
 
 def run(args):
     check_output_path(args.out, "--out")
+    check_pixel_limits(args.max_image_pixels, args.max_request_pixels)  # before the model loads
     path = export_saved_model(
-        args.model, args.out, heatmap_stride=args.heatmap_stride, chunk_patches=args.chunk_patches
+        args.model, args.out, heatmap_stride=args.heatmap_stride, chunk_patches=args.chunk_patches,
+        max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
     )
     print(f"exported SavedModel to {path} (signatures: {', '.join(SIGNATURES)})")
     print(f"inspect: saved_model_cli show --dir {path} --all")

@@ -36,7 +36,10 @@ from patchnet_tf.flag_types import nonnegative_int, open_unit_interval, positive
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
-from pipelines.export import export_saved_model
+from pipelines.export import (
+    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, add_pixel_limit_arguments, check_pixel_limits,
+    export_saved_model,
+)
 from serving import warmup
 from serving.loader import LoadedModel, first_line
 from serving.core import list_versions
@@ -210,10 +213,12 @@ def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
 
 def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_accuracy=0.0,
          min_auroc=CHANCE_AUROC, tolerance=0.01, heatmap_stride=1, val_fraction=None, seed=None,
-         positive_class=None, config_base_path=None, log=print):
+         positive_class=None, config_base_path=None, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+         max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS, log=print):
     """Runs every step; returns the pushed version (an int). Raises PushError on failure."""
     base_dir = os.path.abspath(base_dir)
     check_output_path(base_dir, "--base")  # before export, evaluation and validation, not after
+    check_pixel_limits(max_image_pixels, max_request_pixels)
     model_name = model_name or os.path.basename(base_dir)
     version = version or _next_version(base_dir)
     if os.path.exists(os.path.join(base_dir, str(version))):
@@ -227,7 +232,8 @@ def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_a
         split = _validation_split(model_path, data_dir, val_fraction, seed, positive_class)
 
         step = "export"
-        export_saved_model(model_path, staging, heatmap_stride=heatmap_stride)
+        export_saved_model(model_path, staging, heatmap_stride=heatmap_stride,
+                           max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
         log(f"[export] candidate SavedModel staged at {staging}")
 
         step = "evaluate"
@@ -290,6 +296,7 @@ def add_arguments(parser):
                         help="class folder that is class 1 (default: the run's, else the second in sorted order)")
     parser.add_argument("--config-base-path", default=None,
                         help="base_path written to models.config (default /models/<base folder name>)")
+    add_pixel_limit_arguments(parser)
 
 
 def run(args):
@@ -298,5 +305,6 @@ def run(args):
         min_accuracy=args.min_accuracy, min_auroc=args.min_auroc, tolerance=args.tolerance,
         heatmap_stride=args.heatmap_stride, val_fraction=args.val_fraction, seed=args.seed,
         positive_class=args.positive_class, config_base_path=args.config_base_path,
+        max_image_pixels=args.max_image_pixels, max_request_pixels=args.max_request_pixels,
     )
     print(f"pushed version {version} to {os.path.join(os.path.abspath(args.base), str(version))}")

@@ -41,7 +41,7 @@ import tensorflow as tf
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
 from patchnet_tf.errors import PatchNetError
-from serving.loader import SignatureError
+from serving.errors import ServingError
 
 LOG = logging.getLogger("patchnet.batching")
 QUEUE_FULL = "The batch scheduling queue to which this task was submitted is full"
@@ -181,7 +181,7 @@ class BatchScheduler:
             return model.run(signature_name, inputs, output_filter)
         rows = rows.pop()
         if rows > self.options.max_batch_size:
-            raise SignatureError("INVALID_ARGUMENT", f"Task size {rows} is larger than maximum input batch size "
+            raise ServingError("INVALID_ARGUMENT", f"Task size {rows} is larger than maximum input batch size "
                                                      f"{self.options.max_batch_size}")
         output_filter = tuple(output_filter)
         layout = tuple(sorted((key, value.dtype.str, value.shape[1:]) for key, value in inputs.items()))
@@ -197,7 +197,7 @@ class BatchScheduler:
                 queue = self._queues[key] = _Queue(key, model, signature_name, output_filter)
             if not queue.batches or queue.batches[-1].rows + rows > self.options.max_batch_size:
                 if len(queue.batches) >= self.options.max_enqueued_batches:
-                    raise SignatureError("UNAVAILABLE", QUEUE_FULL)
+                    raise ServingError("UNAVAILABLE", QUEUE_FULL)
                 queue.batches.append(_Batch(queue))
             batch = queue.batches[-1]
             batch.tasks.append(task)
@@ -227,7 +227,7 @@ class BatchScheduler:
         for queue in self._queues.values():  # nothing should be left; never leave a caller hanging
             for batch in queue.batches:
                 for task in batch.tasks:
-                    task.error = SignatureError("UNAVAILABLE", "server is stopping")
+                    task.error = ServingError("UNAVAILABLE", "server is stopping")
                     task.done.set()
 
     def _next_batch(self):
@@ -298,7 +298,7 @@ class BatchScheduler:
         outputs = queue.model.run(queue.signature_name, merged, queue.output_filter)
         for key, value in outputs.items():
             if value.ndim == 0 or value.shape[0] != padded:
-                raise SignatureError("INTERNAL", f"batched output {key} has {value.shape[:1]} rows, "
+                raise ServingError("INTERNAL", f"batched output {key} has {value.shape[:1]} rows, "
                                                  f"expected {padded}")
         results, offset = [], 0
         for task in tasks:

@@ -15,6 +15,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from serving.core import status_name
 from serving.errors import ServingError
 from serving.loader import DEFAULT_SIGNATURE, first_line
+from serving.memory import returns_memory
 
 CLASSIFY_INPUTS = "inputs"  # tensorflow/cc/saved_model/signature_constants.h: kClassifyInputs = kRegressInputs
 CLASSIFY_OUTPUTS = ("classes", "scores")  # kClassifyOutputClasses, kClassifyOutputScores
@@ -37,6 +38,7 @@ def tensor_from_proto(proto):
     return tf.make_ndarray(proto)
 
 
+@returns_memory
 def predict(core, request, run=None):
     """PredictionService.Predict for both front ends (gRPC and REST), so their codes and messages are one.
 

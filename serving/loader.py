@@ -22,10 +22,6 @@ DEFAULT_SIGNATURE = "serving_default"
 WARMUP_PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 
 
-# The old name of ServingError, kept while serving/batching.py (worked on elsewhere) imports it.
-SignatureError = ServingError
-
-
 class LoadedModel:
     """One SavedModel version in its own graph and session (thread-safe runs)."""
 

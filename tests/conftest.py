@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow as `patchnet serve` starts it (patchnet_launcher.py): oneDNN allocates with malloc.
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

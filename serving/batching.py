@@ -42,6 +42,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 
 from patchnet_tf.errors import PatchNetError
 from serving.errors import ServingError
+from serving.metrics import METRICS
 
 LOG = logging.getLogger("patchnet.batching")
 QUEUE_FULL = "The batch scheduling queue to which this task was submitted is full"
@@ -136,6 +137,7 @@ class _Task:
         self.done = threading.Event()
         self.outputs = None
         self.error = None
+        self.enqueued = time.monotonic()
 
 
 class _Batch:
@@ -262,6 +264,9 @@ class BatchScheduler:
                 if not queue.batches:
                     del self._queues[queue.key]
                 self._tasks_per_batch[len(batch.tasks)] += 1
+            dequeued = time.monotonic()
+            for task in batch.tasks:
+                METRICS.queuing_latency.labels(self.options.thread_pool_name).observe((dequeued - task.enqueued) * 1e6)
             self._process(batch)
 
     def _process(self, batch):

@@ -18,7 +18,9 @@ a metric "/tensorflow/serving/request_count" is exported as ":tensorflow:serving
   `:tensorflow:cc:saved_model:load_latency{model_path}` (microseconds of successful loads, summed), as
   TensorFlow's SavedModel loader counts them (tensorflow/cc/saved_model/loader.cc);
 - `:tensorflow:serving:batching_session:wrapped_run_count`: session runs of merged batches, with
-  --enable-batching (batching/batching_session.cc); and, under names of our own as TF Serving has none,
+  --enable-batching, and `:tensorflow:serving:batching_session:queuing_latency{thread_pool_name}`:
+  histogram of the microseconds each request waited in the queue (batching/batching_session.cc,
+  its buckets); and, under names of our own as TF Serving has none,
   the queue depth: `patchnet_batching_enqueued_batches`, `patchnet_batching_enqueued_requests` (gauges).
 
 TF Serving writes its counters as `# TYPE name counter` with the bare name; prometheus_client's text
@@ -40,6 +42,8 @@ prometheus_client.disable_created_metrics()  # TF Serving exports no *_created s
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # PrometheusExporter::kPrometheusPath
 # servables/tensorflow/util.cc: Buckets::Exponential(10, 1.8, 33): 32 finite limits, then +Inf
 LATENCY_BUCKETS_MICROS = [10 * 1.8**index for index in range(32)]
+# batching/batching_session.cc: Buckets::Exponential(100, 1.2, 52)
+QUEUING_BUCKETS_MICROS = [100 * 1.2**index for index in range(51)]
 
 
 def _monitoring_config_class():
@@ -88,6 +92,10 @@ class Metrics:
             ":tensorflow:serving:request_latency",
             "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
             ["model_name", "API", "entrypoint"], buckets=LATENCY_BUCKETS_MICROS, registry=self.registry)
+        self.queuing_latency = prometheus_client.Histogram(
+            ":tensorflow:serving:batching_session:queuing_latency",
+            "Distribution of wall time spent (in microseconds) in queuing",
+            ["thread_pool_name"], buckets=QUEUING_BUCKETS_MICROS, registry=self.registry)
         self.registry.register(self)
 
     def _add(self, name, labels, amount=1):

@@ -109,6 +109,13 @@ def test_request_counts_and_latencies_before_and_after_requests(monitored):
     runs = ":tensorflow:serving:batching_session:wrapped_run_count"
     assert samples(after, runs)[frozenset()] - samples(before, runs)[frozenset()] >= 3
     assert samples(after, "patchnet_batching_enqueued_requests")[frozenset()] == 0  # all answered, none waits
+    # Each batched request's wait in the queue, per thread pool, in TF Serving's buckets (100 * 1.2^i us).
+    waits = ":tensorflow:serving:batching_session:queuing_latency_count"
+    pool = labels(thread_pool_name=BatchingOptions().thread_pool_name)
+    assert samples(after, waits)[pool] - samples(before, waits).get(pool, 0) >= 3
+    limits = sorted({float(dict(key)["le"]) for key in
+                     samples(after, ":tensorflow:serving:batching_session:queuing_latency_bucket")})
+    assert limits[:-1] == pytest.approx([100 * 1.2**index for index in range(51)]) and limits[-1] == float("inf")
 
 
 def test_load_attempts_and_latency_per_version_path(monitored):

@@ -1,6 +1,6 @@
 """Datasets on disk -> tf.data pipelines of (image, label) batches.
 
-Folder format (SPEC section 7): DATA/<class>/*.png|jpg|jpeg|bmp|tif. Two
+Folder format (docs/training.md, "Data"): DATA/<class>/*.png|jpg|jpeg|bmp|tif. Two
 class folders are the paper's binary task: class 1 is the second in sorted
 order unless `positive_class` (or DATA/dataset.json) names it. K > 2 class
 folders are a K-class task (docs/k-classes.md): the class order is
@@ -211,7 +211,7 @@ def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0, tas
 
 
 def load_dataset(path, *, positive_class=None, image_dir=None, val_fraction=0.2, seed=0, isic_task="melanoma"):
-    """A folder dataset, or an ISIC CSV when `path` is a .csv file (SPEC section 7)."""
+    """A folder dataset, or an ISIC CSV when `path` is a .csv file (docs/training.md, "Data")."""
     if path.lower().endswith(".csv"):
         if positive_class is not None:
             raise PatchNetError("--positive-class applies to folder datasets; in an ISIC CSV melanoma is class 1")

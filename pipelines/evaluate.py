@@ -164,7 +164,7 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
     """For (image path, mask path) pairs: (images, heatmaps, masks), all at the model input size.
 
     The images are as a person sees them ([0, 1], before normalization).
-    Masks are resized with nearest neighbour (SPEC section 7); `progress` is a
+    Masks are resized with nearest neighbour (a resized mask stays binary); `progress` is a
     label for a progress bar, or None for none.
     """
     size = tuple(preprocessing.image_size)

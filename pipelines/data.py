@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from patchnet_tf.errors import PatchNetError
+from patchnet_tf.errors import PatchNetError, PositiveClassMismatch
 from patchnet_tf.preprocessing import decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -89,7 +89,7 @@ def _order_classes(names, positive_class, root, declared=None):
         )
     if len(names) > 2:
         if positive_class is not None:
-            raise PatchNetError(
+            raise PositiveClassMismatch(
                 f"--positive-class applies to two classes; {root} has {len(names)} "
                 f"({', '.join(names)}): order them with {DATASET_FILE}"
             )
@@ -104,7 +104,7 @@ def _order_classes(names, positive_class, root, declared=None):
     if positive_class is None:
         return tuple(names)
     if positive_class not in names:
-        raise PatchNetError(f"--positive-class {positive_class!r} is not one of {', '.join(names)}")
+        raise PositiveClassMismatch(f"--positive-class {positive_class!r} is not one of {', '.join(names)}")
     return tuple(name for name in names if name != positive_class) + (positive_class,)
 
 

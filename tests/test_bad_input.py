@@ -269,3 +269,37 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, n
     assert after == before, f"{watched} changed"
     if argv[0] in cli.COMMANDS:  # rule 4: never suggest a flag the command does not have
         assert set(FLAG.findall(lines[0])) <= _flags_of(argv[0]), lines[0]
+
+
+def _image_folders(root, names):
+    """ROOT/<name>/a.png for each class name: a folder dataset whose images are never decoded."""
+    for name in names:
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, "a.png"), "wb"):
+            pass
+    return str(root)
+
+
+def test_a_missing_split_is_its_own_error_type_with_the_same_message(tmp_path):
+    # compare falls back from the test split to val on this type, not on the words of the message.
+    from types import SimpleNamespace
+
+    from patchnet_tf.errors import MissingSplit
+    from pipelines.evaluate import load_split
+
+    data = _image_folders(tmp_path, ["train/inlay", "train/plain", "val/inlay", "val/plain"])
+    with pytest.raises(MissingSplit, match=re.escape(f"{data}: no 'test' split (expected a {data}/test folder)")):
+        load_split(data, SimpleNamespace(class_names=("plain", "inlay")), "test")
+
+
+def test_data_without_the_models_positive_class_says_the_classes_differ(tmp_path):
+    from types import SimpleNamespace
+
+    from patchnet_tf.errors import PatchNetError
+    from pipelines.evaluate import load_split
+
+    data = _image_folders(tmp_path, ["cats", "dogs"])
+    with pytest.raises(PatchNetError) as raised:
+        load_split(data, SimpleNamespace(class_names=("plain", "inlay")), "val")
+    assert str(raised.value) == (f"{data}: its classes differ from the model's plain, inlay "
+                                 "(--positive-class 'inlay' is not one of cats, dogs)")

@@ -4,7 +4,8 @@
     python3 dev.py demo        the main job on the bundled dataset
     python3 dev.py test        the test suite
     python3 dev.py patchnet …  any `patchnet` command
-    python3 dev.py bench NAME  a benchmark in bench/ (heatmap, train, pipeline, serving, bulk)
+    python3 dev.py bench NAME  a benchmark in bench/ (bulk, heatmap, memory, multiworker, pipeline,
+                              rest_servers, serving, serving_restart, train)
 
 Needs only Python 3.11. The environment is rebuilt when requirements.txt or
 pyproject.toml change.

@@ -49,6 +49,15 @@ def remove_stale_temporaries(directory):
             os.remove(path)
 
 
+def write_png(path, pixels):
+    """uint8 (H, W) or BGR (H, W, 3) pixels -> a PNG at `path`, written atomically."""
+    import cv2  # here, not above: the command line imports this module before it needs OpenCV
+
+    with atomic_path(path) as temporary:
+        if not cv2.imwrite(temporary, pixels):
+            raise OSError(f"{path}: could not write")
+
+
 def atomic_write_text(path, text):
     with atomic_path(path) as temporary:
         with open(temporary, "w") as file:

@@ -19,3 +19,12 @@ class WorkerLost(PatchNetError):
     """
 
     exit_status = 75
+
+
+class MissingSplit(PatchNetError):
+    """A dataset has no folder for the split asked for (`compare` then falls back to another)."""
+
+
+class PositiveClassMismatch(PatchNetError):
+    """The positive class asked for does not fit a folder dataset's class folders
+    (`evaluate` then reports that the data's classes differ from the model's)."""

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from patchnet_tf.atomic import write_png
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.layers import apply_fully_convolutional, fully_convolutional_layers
 from patchnet_tf.model import patch_geometry
@@ -348,6 +349,44 @@ def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
     else:
         base = cv2.cvtColor(base, cv2.COLOR_RGB2BGR)
     return cv2.addWeighted(colour, alpha, base, 1.0 - alpha, 0.0)
+
+
+CLASSES_SUFFIX = "-classes.png"  # K classes: the combined colour map
+
+
+def png_suffixes(class_names, *, overlays=True):
+    """The file name suffixes of the heatmap PNGs of one image: `-heatmap.png` and `-overlay.png`;
+    for K > 2 classes `-heatmap-<class>.png` and `-overlay-<class>.png` per class, then
+    `-classes.png`, one colour per class. `overlays=False` (no image to draw on) leaves out the overlays."""
+    kinds = ("heatmap", "overlay") if overlays else ("heatmap",)
+    if len(class_names) <= 2:
+        return [f"-{kind}.png" for kind in kinds]
+    return [f"-{kind}-{name}.png" for name in class_names for kind in kinds] + [CLASSES_SUFFIX]
+
+
+def heatmap_pngs(heat, class_names, image=None):
+    """{file name suffix (`png_suffixes`): uint8 pixels} for one (H, W) or (H, W, K) map; with
+    `image` (RGB in [0, 1], the map's size) also the overlays on it."""
+    maps = heat[..., None] if heat.ndim == 2 else heat
+    pixels = []
+    for klass in range(maps.shape[-1]):
+        pixels.append(heatmap_to_gray(maps[..., klass]))
+        if image is not None:
+            pixels.append(heatmap_overlay(image, maps[..., klass]))
+    if heat.ndim == 3:
+        pixels.append(cv2.cvtColor(class_colour_map(heat), cv2.COLOR_RGB2BGR))
+    return dict(zip(png_suffixes(class_names, overlays=image is not None), pixels, strict=True))
+
+
+def write_heatmap_pngs(prefix, heat, class_names, image=None):
+    """Writes one image's `heatmap_pngs` to PREFIX + suffix, each atomically; returns the paths.
+
+    The one writer of `patchnet heatmap`, `bulk` and `predict`, so their files have the same names."""
+    written = []
+    for suffix, pixels in heatmap_pngs(heat, class_names, image).items():
+        write_png(prefix + suffix, pixels)
+        written.append(prefix + suffix)
+    return written
 
 
 def output_stems(paths):

@@ -1,4 +1,4 @@
-"""Heatmap-against-mask metrics (paper Table 2 and 7; SPEC section 2).
+"""Heatmap-against-mask metrics (paper Table 2 and 7; docs/comparison.md).
 
 Per image, the heatmap is thresholded (pixel marked 1 where heat > threshold,
 0.5 by default) and compared with the binary expert mask (nonzero = class-1
@@ -78,8 +78,8 @@ def mask_metrics(heatmaps, masks, *, threshold=0.5, border=None):
 def read_mask(path, size=None, *, image_shape=None):
     """A binary mask PNG -> bool (H, W), white (>= 128) = class-1 feature.
 
-    `image_shape` (H, W) of the image it belongs to is checked (SPEC: same
-    size as the image); `size` (H, W) resizes with nearest neighbour, as the
+    `image_shape` (H, W) of the image it belongs to is checked (a mask must
+    have the size of its image); `size` (H, W) resizes with nearest neighbour, as the
     image is resized to the model input.
     """
     mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)

@@ -101,7 +101,7 @@ class PatchNet(keras.Model):
     """A functional model whose `get_layer` also finds the wrapped subnet.
 
     The subnet lives inside the `TimeDistributed`-style wrapper; users (and
-    the SPEC) reach it as `model.get_layer("subnet")`.
+    docs/python-api.md) reach it as `model.get_layer("subnet")`.
     """
 
     def get_layer(self, name=None, index=None):

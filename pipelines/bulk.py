@@ -50,10 +50,10 @@ try:
 finally:
     logging.getLogger().removeHandler(_quiet)
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text, check_output_path, remove_stale_temporaries
+from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import positive_int
-from patchnet_tf.heatmaps import output_stems
+from patchnet_tf.heatmaps import output_stems, png_suffixes, write_heatmap_pngs
 from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import MODEL_FILE, load_trained_model
 
@@ -147,8 +147,6 @@ def _csv_paths(csv_path):
 
 def output_paths(out, stem, class_names):
     """The files that make one image done (the PNGs `patchnet heatmap` writes, then the row file, last)."""
-    from pipelines.heatmaps import png_suffixes
-
     pngs = [os.path.join(out, stem + suffix) for suffix in png_suffixes(class_names)]
     return pngs + [os.path.join(out, ROWS_FOLDER, stem + ".csv")]
 
@@ -253,15 +251,9 @@ class WriteOutputs(beam.DoFn):
         self.class_names = class_names
 
     def process(self, result):
-        import cv2
-        from pipelines.heatmaps import heatmap_pngs
-
         (path, stem, image), (probability, heat) = result.example, result.inference
-        *png_files, row_file = output_paths(self.out, stem, self.class_names)
-        for file_path, pixels in zip(png_files, heatmap_pngs(image, heat, self.class_names).values(), strict=True):
-            with atomic_path(file_path) as temporary:
-                if not cv2.imwrite(temporary, pixels):
-                    raise OSError(f"{file_path}: could not write the PNG")
+        write_heatmap_pngs(os.path.join(self.out, stem), heat, self.class_names, image)  # output_paths' PNGs
+        row_file = output_paths(self.out, stem, self.class_names)[-1]
         if np.ndim(probability) == 0:  # as the classify signature: label = probability >= 0.5
             label = int(probability >= 0.5)
         else:  # K classes: the most probable one, and its probability

@@ -37,7 +37,7 @@ from patchnet_tf.flag_types import (
     positive_int,
     unit_interval,
 )
-from patchnet_tf.errors import PatchNetError
+from patchnet_tf.errors import MissingSplit, PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
 from pipelines import evaluate as evaluation
@@ -447,10 +447,8 @@ def compare(args):
 def _has_split(data, preprocessing, split, train_config):
     try:
         evaluation.load_split(data, preprocessing, split, train_config)
-    except PatchNetError as error:
-        if f"no {split!r} split" in str(error):
-            return False
-        raise
+    except MissingSplit:
+        return False
     return True
 
 

@@ -1,6 +1,6 @@
 """Datasets on disk -> tf.data pipelines of (image, label) batches.
 
-Folder format (SPEC section 7): DATA/<class>/*.png|jpg|jpeg|bmp|tif. Two
+Folder format (docs/training.md, "Data"): DATA/<class>/*.png|jpg|jpeg|bmp|tif. Two
 class folders are the paper's binary task: class 1 is the second in sorted
 order unless `positive_class` (or DATA/dataset.json) names it. K > 2 class
 folders are a K-class task (docs/k-classes.md): the class order is
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from patchnet_tf.errors import PatchNetError
+from patchnet_tf.errors import PatchNetError, PositiveClassMismatch
 from patchnet_tf.preprocessing import decode_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -87,24 +87,27 @@ def _order_classes(names, positive_class, root, declared=None):
         raise PatchNetError(
             f"{root}: expected two or more class folders, found {len(names)}: {', '.join(names) or 'none'}"
         )
+    # Checked first: with two classes the file's second name becomes the positive class, and a
+    # wrong file must be blamed, not a --positive-class nobody typed.
+    if declared is not None and sorted(declared) != sorted(names):
+        dataset_file = os.path.join(root, DATASET_FILE)
+        without_folder = [name for name in declared if name not in names]
+        if without_folder:
+            raise PatchNetError(f"{dataset_file}: names classes with no folder: {', '.join(without_folder)} "
+                                f"(the class folders are {', '.join(names)})")
+        raise PatchNetError(f"{dataset_file}: class_names {', '.join(declared)} are not "
+                            f"the class folders {', '.join(names)}")
     if len(names) > 2:
         if positive_class is not None:
-            raise PatchNetError(
+            raise PositiveClassMismatch(
                 f"--positive-class applies to two classes; {root} has {len(names)} "
                 f"({', '.join(names)}): order them with {DATASET_FILE}"
             )
-        if declared is None:
-            return tuple(names)
-        if sorted(declared) != sorted(names):
-            raise PatchNetError(
-                f"{os.path.join(root, DATASET_FILE)}: class_names {', '.join(declared)} are not "
-                f"the class folders {', '.join(names)}"
-            )
-        return tuple(declared)
+        return tuple(declared or names)
     if positive_class is None:
         return tuple(names)
     if positive_class not in names:
-        raise PatchNetError(f"--positive-class {positive_class!r} is not one of {', '.join(names)}")
+        raise PositiveClassMismatch(f"--positive-class {positive_class!r} is not one of {', '.join(names)}")
     return tuple(name for name in names if name != positive_class) + (positive_class,)
 
 
@@ -171,13 +174,16 @@ def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0, tas
     image_dir = image_dir or os.path.dirname(os.path.abspath(csv_path))
     try:
         with open(csv_path, newline="") as file:
-            rows = list(csv.DictReader(file))
+            reader = csv.DictReader(file)
+            rows = list(reader)
     except OSError as error:
         raise PatchNetError(f"{csv_path}: unreadable ({error.strerror})") from None
-    if not rows or not {"image_id", *columns} <= set(rows[0]):
+    if not {"image_id", *columns} <= set(reader.fieldnames or ()):
         raise PatchNetError(
             f"{csv_path}: expected an ISIC ground-truth CSV with columns image_id,{','.join(columns)}"
         )
+    if not rows:
+        raise PatchNetError(f"{csv_path}: no rows below the header (one row per image)")
     if not os.path.isdir(image_dir):
         raise PatchNetError(f"{image_dir}: no such image folder for {csv_path}")
     present = {os.path.splitext(name)[0]: name for name in sorted(os.listdir(image_dir))
@@ -211,7 +217,7 @@ def load_isic_dataset(csv_path, *, image_dir=None, val_fraction=0.2, seed=0, tas
 
 
 def load_dataset(path, *, positive_class=None, image_dir=None, val_fraction=0.2, seed=0, isic_task="melanoma"):
-    """A folder dataset, or an ISIC CSV when `path` is a .csv file (SPEC section 7)."""
+    """A folder dataset, or an ISIC CSV when `path` is a .csv file (docs/training.md, "Data")."""
     if path.lower().endswith(".csv"):
         if positive_class is not None:
             raise PatchNetError("--positive-class applies to folder datasets; in an ISIC CSV melanoma is class 1")

@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path
 from patchnet_tf.flag_types import positive_int, unit_interval
-from patchnet_tf.errors import PatchNetError
+from patchnet_tf.errors import MissingSplit, PatchNetError, PositiveClassMismatch
 from patchnet_tf.explain import explain
 from patchnet_tf.metrics import (
     confusion_matrix,
@@ -74,9 +74,7 @@ def load_split(data, preprocessing, split, train_config=None):
             val_fraction=train_config.get("val_fraction", 0.2),
             seed=train_config.get("seed", 0),
         )
-    except PatchNetError as error:
-        if "--positive-class" not in str(error):
-            raise
+    except PositiveClassMismatch as error:
         raise PatchNetError(
             f"{data}: its classes differ from the model's {', '.join(preprocessing.class_names)} ({error})"
         ) from None
@@ -86,7 +84,7 @@ def load_split(data, preprocessing, split, train_config=None):
             f"{', '.join(preprocessing.class_names)}"
         )
     if split not in dataset.splits:
-        raise PatchNetError(f"{data}: no {split!r} split (expected a {os.path.join(data, split)} folder)")
+        raise MissingSplit(f"{data}: no {split!r} split (expected a {os.path.join(data, split)} folder)")
     return dataset.splits[split]
 
 
@@ -164,7 +162,7 @@ def masked_heatmaps(model, preprocessing, pairs, *, heatmap_stride=1, batch_size
     """For (image path, mask path) pairs: (images, heatmaps, masks), all at the model input size.
 
     The images are as a person sees them ([0, 1], before normalization).
-    Masks are resized with nearest neighbour (SPEC section 7); `progress` is a
+    Masks are resized with nearest neighbour (a resized mask stays binary); `progress` is a
     label for a progress bar, or None for none.
     """
     size = tuple(preprocessing.image_size)

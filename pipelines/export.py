@@ -1,4 +1,4 @@
-"""`patchnet export`: a SavedModel for TensorFlow Serving (SPEC section 6).
+"""`patchnet export`: a SavedModel for TensorFlow Serving (docs/serving.md).
 
 Written with `keras.export.ExportArchive`, one endpoint per signature, all
 with method `tensorflow/serving/predict`:
@@ -63,7 +63,7 @@ def as_float32(model):
     """The same model with a float32 compute dtype everywhere (weights copied).
 
     Mixed-precision training keeps float32 variables but computes in float16;
-    serving wants a float32 graph (SPEC section 6), so the model is rebuilt
+    serving wants a float32 graph (docs/serving.md), so the model is rebuilt
     from its config with every dtype policy set to float32.
     """
     if all(layer.dtype_policy.compute_dtype == "float32" for layer in _all_layers(model)):
@@ -235,7 +235,7 @@ class ServingModule:
 
 def build_export_archive(model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES,
                          max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
-    """An ExportArchive holding the five signatures of SPEC section 6."""
+    """An ExportArchive holding the five serving signatures (docs/serving.md, "The SavedModel")."""
     module = ServingModule(
         model, preprocessing, heatmap_stride=heatmap_stride, chunk_patches=chunk_patches,
         max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,

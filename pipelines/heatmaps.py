@@ -11,28 +11,17 @@ then red, green, blue, ...: the probability-weighted mix of the class colours).
 
 import os
 
-import cv2
 import numpy as np
 
-from patchnet_tf.atomic import check_output_path
+from patchnet_tf.atomic import check_output_path, write_png
 from patchnet_tf.flag_types import positive_int
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.heatmaps import (
-    class_colour_map,
-    filter_heatmaps,
-    heatmap_overlay,
-    heatmap_to_gray,
-    output_stems,
-)
+from patchnet_tf.heatmaps import filter_heatmaps, heatmap_to_gray, output_stems, write_heatmap_pngs
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
-
-HEATMAP_SUFFIX = "-heatmap.png"
-OVERLAY_SUFFIX = "-overlay.png"
-CLASSES_SUFFIX = "-classes.png"  # K classes: the combined colour map
 
 
 def add_arguments(parser):
@@ -80,26 +69,6 @@ def prepare_image(path, preprocessing):
     return preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
 
 
-def png_suffixes(class_names):
-    """The file name suffixes of the PNGs written about one image: the map and its overlay; for K
-    classes those of each class and `-classes.png`, one colour per class."""
-    if len(class_names) <= 2:
-        return [HEATMAP_SUFFIX, OVERLAY_SUFFIX]
-    per_class = [f"-{kind}-{name}.png" for name in class_names for kind in ("heatmap", "overlay")]
-    return per_class + [CLASSES_SUFFIX]
-
-
-def heatmap_pngs(image, heat, class_names):
-    """{file name suffix (`png_suffixes`): uint8 pixels} for one image and its (H, W) or (H, W, K) map."""
-    if heat.ndim == 2:
-        maps = [heatmap_to_gray(heat), heatmap_overlay(image, heat)]
-    else:
-        maps = [pixels for klass in range(heat.shape[-1])
-                for pixels in (heatmap_to_gray(heat[..., klass]), heatmap_overlay(image, heat[..., klass]))]
-        maps.append(cv2.cvtColor(class_colour_map(heat), cv2.COLOR_RGB2BGR))
-    return dict(zip(png_suffixes(class_names), maps, strict=True))
-
-
 def run(args):
     check_output_path(args.out, "--out")
     model, preprocessing = load_trained_model(args.model)
@@ -118,9 +87,8 @@ def run(args):
         model_input = preprocessing.normalize(image[None]).numpy()
         heat = explain(model, model_input, stride=args.stride, on_rows=progress.add)[0]
         prefix = os.path.join(args.out, stem)
-        for suffix, pixels in heatmap_pngs(image, heat, preprocessing.class_names).items():
-            cv2.imwrite(prefix + suffix, pixels)
+        write_heatmap_pngs(prefix, heat, preprocessing.class_names, image)
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride, on_rows=progress.add)[0]
-            cv2.imwrite(f"{prefix}-filters.png", filter_grid(maps))
+            write_png(f"{prefix}-filters.png", filter_grid(maps))
     print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

@@ -40,7 +40,7 @@ import os
 import cv2
 import numpy as np
 
-from patchnet_tf.atomic import atomic_path, atomic_write_text, check_output_path
+from patchnet_tf.atomic import atomic_write_text, check_output_path, write_png
 from patchnet_tf.errors import PatchNetError
 from pipelines.data import DATASET_FILE
 
@@ -218,12 +218,6 @@ def _write_three_classes(root, image_size, counts, seed, tint):
                 write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])
                 for name in inlays:  # every image has a mask per inlay class: black unless it is that class
                     write_png(os.path.join(root, "masks", name, stem + ".png"), mask if name == class_name else blank)
-
-
-def write_png(path, array):
-    with atomic_path(path) as temporary:
-        if not cv2.imwrite(temporary, array):
-            raise OSError(f"{path}: could not write")
 
 
 def generator_parser(module, docstring, count_help, seed_help):

@@ -4,10 +4,12 @@ Sends the images' encoded bytes (JPEG/PNG/BMP as they are on disk) to the
 `classify` or `heatmap` signature through PredictionServiceStub, so it works
 unchanged against the real tensorflow_model_server. Prints one JSON object
 per image (probability and label); for the heatmap signature it also writes
-<name>-heatmap.png (white = class-1 evidence) and <name>-overlay.png.
-A K-class model (docs/k-classes.md): each object has the class name, the label
-and the K probabilities; heatmaps are <name>-heatmap-class<k>.png and
-<name>-overlay-class<k>.png per class and <name>-classes.png, the combined colour map.
+<name>-heatmap.png (white = class-1 evidence) and <name>-overlay.png, the files
+`patchnet heatmap` writes. A K-class model (docs/k-classes.md): each object has
+the class name, the label and the K probabilities; heatmaps are
+<name>-heatmap-<class>.png and <name>-overlay-<class>.png per class and
+<name>-classes.png, the combined colour map. The heatmap signature does not
+answer with the class names, so <class> is class0, class1, ...
 
     patchnet predict --server localhost:8500 --model patchnet a.png b.jpg
     patchnet predict --server localhost:8500 --model patchnet --signature heatmap --out maps a.png
@@ -29,7 +31,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from patchnet_tf.atomic import check_output_path
 from patchnet_tf.flag_types import host_port, nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import class_colour_map, heatmap_overlay, heatmap_to_gray, output_stems
+from patchnet_tf.heatmaps import output_stems, write_heatmap_pngs
 
 SIGNATURES = ("classify", "heatmap")
 MAX_MESSAGE = 256 << 20
@@ -171,31 +173,20 @@ def predict(server, model, images, signature="classify", *, version=None, deadli
 
 
 def write_heatmaps(predictions, out_dir):
-    """<stem>-heatmap.png and <stem>-overlay.png per image, as `patchnet heatmap`; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    """The heatmap PNGs of each prediction, named as `patchnet heatmap` names them; returns their paths.
+
+    Overlays only for images read from a file (sent bytes have no file to draw on)."""
     written = []
     stems = output_stems([prediction.image or f"image{index}" for index, prediction in enumerate(predictions)])
     for prediction, stem in zip(predictions, stems):
-        maps = prediction.heatmap
-        per_class = maps.ndim == 3  # (H, W, K) of a K-class model
+        maps = prediction.heatmap  # (H, W), or (H, W, K) of a K-class model
+        class_names = [f"class{k}" for k in range(maps.shape[-1] if maps.ndim == 3 else 2)]
         original = cv2.imread(prediction.image, cv2.IMREAD_COLOR) if os.path.isfile(prediction.image) else None
         rgb = None
         if original is not None:
             rgb = cv2.cvtColor(cv2.resize(original, maps.shape[1::-1], interpolation=cv2.INTER_AREA),
                                cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-        for klass in range(maps.shape[-1] if per_class else 1):
-            heat, suffix = (maps[..., klass], f"-class{klass}") if per_class else (maps, "")
-            gray_path = os.path.join(out_dir, f"{stem}-heatmap{suffix}.png")
-            cv2.imwrite(gray_path, heatmap_to_gray(heat))
-            written.append(gray_path)
-            if rgb is not None:
-                overlay_path = os.path.join(out_dir, f"{stem}-overlay{suffix}.png")
-                cv2.imwrite(overlay_path, heatmap_overlay(rgb, heat))
-                written.append(overlay_path)
-        if per_class:
-            combined_path = os.path.join(out_dir, f"{stem}-classes.png")
-            cv2.imwrite(combined_path, cv2.cvtColor(class_colour_map(maps), cv2.COLOR_RGB2BGR))
-            written.append(combined_path)
+        written += write_heatmap_pngs(os.path.join(out_dir, stem), maps, class_names, rgb)
     return written
 
 

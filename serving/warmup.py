@@ -94,7 +94,7 @@ def read_warmup_requests(export_dir):
 
 
 def check_outputs(signature_name, inputs, outputs):
-    """Shapes and ranges every signature promises (SPEC section 6); raises on the first problem."""
+    """Shapes and ranges every signature promises (docs/serving.md); raises on the first problem."""
     batch = next(iter(inputs.values())).shape[0]
 
     def fail(text):

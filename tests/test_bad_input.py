@@ -14,11 +14,15 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from patchnet_tf import baselines, cli
+from patchnet_tf.errors import MissingSplit, PatchNetError
 from patchnet_tf.synthetic import write_appendix_a_dataset
+from pipelines.data import load_dataset
+from pipelines.evaluate import load_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--patch-size", "9", "--filters", "4", "--conv-layers", "2", "--image-size", "32", "--batch-size", "4"]
@@ -269,3 +273,47 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_nothing(outcomes, places, n
     assert after == before, f"{watched} changed"
     if argv[0] in cli.COMMANDS:  # rule 4: never suggest a flag the command does not have
         assert set(FLAG.findall(lines[0])) <= _flags_of(argv[0]), lines[0]
+
+
+def _image_folders(root, names):
+    """ROOT/<name>/a.png for each class name: a folder dataset whose images are never decoded."""
+    for name in names:
+        os.makedirs(os.path.join(root, name))
+        with open(os.path.join(root, name, "a.png"), "wb"):
+            pass
+    return str(root)
+
+
+def test_a_missing_split_is_its_own_error_type_with_the_same_message(tmp_path):
+    # compare falls back from the test split to val on this type, not on the words of the message.
+    data = _image_folders(tmp_path, ["train/inlay", "train/plain", "val/inlay", "val/plain"])
+    with pytest.raises(MissingSplit, match=re.escape(f"{data}: no 'test' split (expected a {data}/test folder)")):
+        load_split(data, SimpleNamespace(class_names=("plain", "inlay")), "test")
+
+
+def test_data_without_the_models_positive_class_says_the_classes_differ(tmp_path):
+    data = _image_folders(tmp_path, ["cats", "dogs"])
+    with pytest.raises(PatchNetError) as raised:
+        load_split(data, SimpleNamespace(class_names=("plain", "inlay")), "val")
+    assert str(raised.value) == (f"{data}: its classes differ from the model's plain, inlay "
+                                 "(--positive-class 'inlay' is not one of cats, dogs)")
+
+
+def test_a_dataset_json_naming_classes_without_folders_blames_the_file(tmp_path):
+    # Its second name used to become the positive class: "--positive-class 'dogs' is not one of ...",
+    # a flag nobody gave.
+    data = _image_folders(tmp_path, ["inlay", "plain"])
+    (tmp_path / "dataset.json").write_text('{"class_names": ["cats", "dogs"]}')
+    with pytest.raises(PatchNetError) as raised:
+        load_dataset(data)
+    assert str(raised.value) == (f"{data}/dataset.json: names classes with no folder: cats, dogs "
+                                 "(the class folders are inlay, plain)")
+
+
+def test_an_isic_csv_with_a_header_and_no_rows_says_it_has_no_rows(tmp_path):
+    # It used to say it expected the columns image_id,melanoma, which it has.
+    csv_path = tmp_path / "truth.csv"
+    csv_path.write_text("image_id,melanoma,seborrheic_keratosis\n")
+    with pytest.raises(PatchNetError) as raised:
+        load_dataset(str(csv_path))
+    assert str(raised.value) == f"{csv_path}: no rows below the header (one row per image)"

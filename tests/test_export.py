@@ -1,4 +1,4 @@
-"""The exported SavedModel, run the way TensorFlow Serving runs it (SPEC section 6).
+"""The exported SavedModel, run the way TensorFlow Serving runs it (docs/serving.md).
 
 tensorflow_model_server is not installable here, so these tests load the
 export with the TF1 session loader (the Python twin of its C++

@@ -1,11 +1,13 @@
 """Dense heatmaps equal the subnet on explicitly cut, zero-padded centred patches."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
 
 from patchnet_tf import PatchNetError, build_patchnet, filter_heatmaps, heatmap
-from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray
+from patchnet_tf.heatmaps import heatmap_overlay, heatmap_to_gray, write_heatmap_pngs
 
 PATCH = 7
 
@@ -107,3 +109,21 @@ def test_png_writers(images):
     # The hot pixel is redder than the cold one (BGR).
     assert overlay[1, 0, 2] > overlay[0, 0, 2]
     assert cv2.imencode(".png", overlay)[0]
+
+
+def test_one_writer_names_the_heatmap_pngs_and_leaves_no_temporary_file(images, tmp_path):
+    # `patchnet heatmap`, `bulk` and `predict` all write through it: one set of names.
+    image = images[0, :4, :4]
+    binary = np.random.default_rng(0).random((4, 4), np.float32)
+    written = write_heatmap_pngs(str(tmp_path / "a"), binary, ["plain", "inlay"], image)
+    assert written == [str(tmp_path / "a-heatmap.png"), str(tmp_path / "a-overlay.png")]
+    np.testing.assert_array_equal(cv2.imread(written[0], cv2.IMREAD_UNCHANGED), heatmap_to_gray(binary))
+    three = np.random.default_rng(1).dirichlet(np.ones(3), (4, 4)).astype(np.float32)
+    written = write_heatmap_pngs(str(tmp_path / "b"), three, ["plain", "brick", "grass"], image)
+    assert [path.rsplit("/", 1)[1] for path in written] == [
+        "b-heatmap-plain.png", "b-overlay-plain.png", "b-heatmap-brick.png", "b-overlay-brick.png",
+        "b-heatmap-grass.png", "b-overlay-grass.png", "b-classes.png"]
+    assert cv2.imread(written[-1]).shape == (4, 4, 3)
+    # Without an image (bytes sent to a server) there is nothing to draw the overlay on.
+    assert write_heatmap_pngs(str(tmp_path / "c"), binary, ["plain", "inlay"]) == [str(tmp_path / "c-heatmap.png")]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]

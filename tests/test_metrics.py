@@ -1,4 +1,4 @@
-"""Mask metrics (SPEC section 2) against cases computed by hand, and mask file handling."""
+"""Mask metrics (paper Table 2; docs/comparison.md) against cases computed by hand, and mask file handling."""
 
 import math
 

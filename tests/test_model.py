@@ -1,4 +1,4 @@
-"""The architecture of SPEC section 2 / 5: layers, builder, serialization."""
+"""The PatchNet architecture (README.md, "How PatchNet works"): layers, builder, serialization."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""The local TF-Serving-compatible server over real gRPC (SPEC section 6)."""
+"""The local TF-Serving-compatible server over real gRPC (docs/serving.md)."""
 
 import concurrent.futures
 import contextlib

@@ -30,16 +30,17 @@ only on (seed, split, class, i).
     python -m pipelines.digits OUT [--image-size 64] [--count 160] [--seed 0] [--classes 3]
 """
 
+import functools
 import json
 import os
 
 import cv2
 import numpy as np
 
-from patchnet_tf.atomic import atomic_write_text
+from patchnet_tf.atomic import atomic_write_text, write_png
 from patchnet_tf.errors import PatchNetError
 from pipelines.data import DATASET_FILE
-from pipelines.textures import SPLIT_NAMES, generator_parser, write_or_exit, write_png
+from pipelines.textures import SPLIT_NAMES, generator_parser, write_or_exit
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DISTRACTOR_CLASS = "distractors"
@@ -49,45 +50,37 @@ DEFAULT_COUNT = {"train": 160, "val": 48, "test": 48}
 SPLIT_SHARES = (0.6, 0.2, 0.2)
 DIGITS_PER_IMAGE = (3, 5)  # inclusive
 TARGETS_PER_IMAGE = (1, 2)  # inclusive, class 1 and above
-DIGIT_HEIGHT = (12, 20)  # pixels, inclusive (the issue's 0.6-1.0x of a 20-pixel digit)
+DIGIT_HEIGHT = (12, 20)  # pixels, inclusive: 0.6 to 1.0 times a 20-pixel digit
 INK = 0.5  # ink in the mask: at least half the full 0..16 intensity (the stroke, not its blur)
 
 
 def class_names(classes=2, targets=None):
+    """Class 0 ("distractors"), then each target digit's name ("four", "seven")."""
     targets = tuple(targets or DEFAULT_TARGETS[classes])
     return (DISTRACTOR_CLASS,) + tuple(DIGIT_NAMES[digit] for digit in targets)
 
 
-_SOURCE = {}
+@functools.lru_cache(maxsize=None)
+def _handwriting():
+    """load_digits() as (1797, 8, 8) float32 images in [0, 1] (0..16 in the package) and their digits."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images.astype(np.float32) / 16.0, bunch.target
 
 
+@functools.lru_cache(maxsize=None)
 def source_indices(seed):
     """{split: {digit: indices into load_digits()}}: each digit's samples split 60/20/20 by `seed`."""
-    if seed not in _SOURCE:
-        from sklearn.datasets import load_digits
-
-        labels = load_digits().target
-        rng = np.random.default_rng([seed, len(labels)])
-        splits = {split: {} for split in SPLIT_NAMES}
-        for digit in range(10):
-            members = rng.permutation(np.flatnonzero(labels == digit))
-            ends = np.round(np.cumsum(SPLIT_SHARES) * len(members)).astype(int)
-            for split, start, end in zip(SPLIT_NAMES, (0, *ends[:-1]), ends):
-                splits[split][digit] = np.sort(members[start:end])
-        _SOURCE[seed] = splits
-    return _SOURCE[seed]
-
-
-_IMAGES = []
-
-
-def _source_images():
-    """load_digits() images as (1797, 8, 8) float32 in [0, 1] (0..16 in the package)."""
-    if not _IMAGES:
-        from sklearn.datasets import load_digits
-
-        _IMAGES.append(load_digits().images.astype(np.float32) / 16.0)
-    return _IMAGES[0]
+    labels = _handwriting()[1]
+    rng = np.random.default_rng([seed, len(labels)])
+    splits = {split: {} for split in SPLIT_NAMES}
+    for digit in range(10):
+        members = rng.permutation(np.flatnonzero(labels == digit))
+        ends = np.round(np.cumsum(SPLIT_SHARES) * len(members)).astype(int)
+        for split, start, end in zip(SPLIT_NAMES, (0, *ends[:-1]), ends):
+            splits[split][digit] = np.sort(members[start:end])
+    return splits
 
 
 def digit_layout(seed, split, label, index, image_size=(64, 64), *, classes=2, targets=None,
@@ -148,7 +141,7 @@ def _layout(rng, digits, image_size):
     placed = []
     for digit, sources in digits:
         source = int(sources[rng.integers(len(sources))])
-        glyph = _upscale(_source_images()[source], rng)
+        glyph = _upscale(_handwriting()[0][source], rng)
         height, width = glyph.shape
         # Boxes grown by the gap; a corner is free when its grown box sums to 0 (an integral image).
         grown = np.pad(taken, 1)

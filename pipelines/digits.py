@@ -31,16 +31,12 @@ only on (seed, split, class, i).
 """
 
 import functools
-import json
-import os
 
 import cv2
 import numpy as np
 
-from patchnet_tf.atomic import atomic_write_text, write_png
 from patchnet_tf.errors import PatchNetError
-from pipelines.data import DATASET_FILE
-from pipelines.textures import SPLIT_NAMES, generator_parser, write_or_exit
+from pipelines.textures import SPLIT_NAMES, generator_parser, write_folder_dataset, write_or_exit
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DISTRACTOR_CLASS = "distractors"
@@ -173,26 +169,8 @@ def write_digit_dataset(root, *, image_size=(64, 64), count=None, seed=0, classe
         raise PatchNetError(f"--image-size {image_size[0]}x{image_size[1]}: the digits need images of "
                             f"{2 * DIGIT_HEIGHT[1]} pixels or more a side")
     counts = count if isinstance(count, dict) else {split: int(count or DEFAULT_COUNT[split]) for split in SPLIT_NAMES}
-    names = class_names(classes)
-    atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(names)}))
-    mask_folder = {name: os.path.join(root, "masks", *([name] if classes > 2 else [])) for name in names[1:]}
-    for folder in mask_folder.values():
-        os.makedirs(folder, exist_ok=True)
-    blank = np.zeros(image_size, np.uint8)
-    for split in SPLIT_NAMES:
-        for label, name in enumerate(names):
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            for index in range(counts.get(split, 0)):
-                image, mask = digit_example(seed, split, label, index, image_size, classes=classes)
-                stem = f"{name}-{split}-{index:04d}"
-                write_png(os.path.join(folder, stem + ".png"), image)
-                if classes == 2:
-                    write_png(os.path.join(mask_folder[names[1]], stem + ".png"), mask)
-                else:  # every image has a mask per target class: black unless it is that class
-                    for target in names[1:]:
-                        write_png(os.path.join(mask_folder[target], stem + ".png"), mask if target == name else blank)
-    return root
+    return write_folder_dataset(root, class_names(classes), counts, lambda split, label, index: digit_example(
+        seed, split, label, index, image_size, classes=classes))
 
 
 def main(argv=None):

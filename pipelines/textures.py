@@ -185,39 +185,40 @@ def write_texture_dataset(root, *, image_size=(64, 64), count=None, seed=0, vari
     if min(image_size) < 3:  # _shape_mask's smallest inlay (radius 2) needs a centre 1 pixel inside
         raise PatchNetError(f"--image-size {image_size[0]}x{image_size[1]}: the textures need images of "
                             "3 pixels or more a side")
-    os.makedirs(os.path.join(root, "masks"), exist_ok=True)
     if classes == 3:
-        _write_three_classes(root, image_size, counts, seed, tint)
-        return root
-    atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(CLASS_NAMES)}))
+        names = THREE_CLASS_NAMES
+        example = lambda split, label, index: three_class_example(seed, split, label, index, image_size, tint=tint)  # noqa: E731
+    else:
+        names = CLASS_NAMES
+        example = lambda split, label, index: texture_example(  # noqa: E731
+            seed, split, bool(label), index, image_size, variant=variant, tint=tint)
+    return write_folder_dataset(root, names, counts, example)
+
+
+def write_folder_dataset(root, class_names, counts, example):
+    """Writes a bundled dataset's layout (module docstring); returns root.
+
+    `example(split, label, index)` gives an (H, W, C) uint8 image (RGB, or grey) and its mask.
+    Two classes: root/masks/<stem>.png for every image. More: root/masks/<class>/<stem>.png for
+    every image and every class after class 0, black unless the image is of that class.
+    """
+    atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(class_names)}))
+    masked = class_names[1:]
+    mask_folders = {name: os.path.join(root, "masks", *([name] if len(class_names) > 2 else [])) for name in masked}
+    for folder in mask_folders.values():
+        os.makedirs(folder, exist_ok=True)
     for split in SPLIT_NAMES:
-        for inlay, class_name in ((False, "plain"), (True, "inlay")):
+        for label, class_name in enumerate(class_names):
             folder = os.path.join(root, split, class_name)
             os.makedirs(folder, exist_ok=True)
             for index in range(counts.get(split, 0)):
-                image, mask = texture_example(seed, split, inlay, index, image_size, variant=variant, tint=tint)
+                image, mask = example(split, label, index)
                 stem = f"{class_name}-{split}-{index:04d}"
                 write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])  # RGB -> BGR; grey stays
-                write_png(os.path.join(root, "masks", stem + ".png"), mask)
+                for name in masked:
+                    own = len(masked) == 1 or name == class_name
+                    write_png(os.path.join(mask_folders[name], stem + ".png"), mask if own else np.zeros_like(mask))
     return root
-
-
-def _write_three_classes(root, image_size, counts, seed, tint):
-    atomic_write_text(os.path.join(root, DATASET_FILE), json.dumps({"class_names": list(THREE_CLASS_NAMES)}))
-    inlays = THREE_CLASS_NAMES[1:]
-    for name in inlays:
-        os.makedirs(os.path.join(root, "masks", name), exist_ok=True)
-    blank = np.zeros(image_size, np.uint8)
-    for split in SPLIT_NAMES:
-        for label, class_name in enumerate(THREE_CLASS_NAMES):
-            folder = os.path.join(root, split, class_name)
-            os.makedirs(folder, exist_ok=True)
-            for index in range(counts.get(split, 0)):
-                image, mask = three_class_example(seed, split, label, index, image_size, tint=tint)
-                stem = f"{class_name}-{split}-{index:04d}"
-                write_png(os.path.join(folder, stem + ".png"), image[..., ::-1])
-                for name in inlays:  # every image has a mask per inlay class: black unless it is that class
-                    write_png(os.path.join(root, "masks", name, stem + ".png"), mask if name == class_name else blank)
 
 
 def generator_parser(module, docstring, count_help, seed_help):

@@ -38,11 +38,12 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
 
 from patchnet_tf.errors import PatchNetError
 from serving.errors import ServingError
 from serving.metrics import METRICS
+from serving.text_proto import read_text_proto
 
 LOG = logging.getLogger("patchnet.batching")
 QUEUE_FULL = "The batch scheduling queue to which this task was submitted is full"
@@ -117,17 +118,7 @@ class BatchingOptions:
 
 def read_batching_parameters(path):
     """BatchingOptions from a text-format BatchingParameters file (TF Serving's --batching_parameters_file)."""
-    try:
-        with open(path) as file:
-            text = file.read()
-    except OSError as error:
-        raise PatchNetError(f"{path}: cannot read batching parameters ({error.strerror})") from None
-    params = BatchingParameters()
-    try:
-        text_format.Parse(text, params)
-    except text_format.ParseError as error:
-        raise PatchNetError(f"{path}: not a text-format BatchingParameters: {error}") from None
-    return BatchingOptions.from_proto(params, path)
+    return BatchingOptions.from_proto(read_text_proto(path, BatchingParameters, what="batching parameters"), path)
 
 
 class _Task:

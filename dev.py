@@ -2,7 +2,7 @@
 """Sets up .venv from the pinned requirements, then runs a command in it.
 
     python3 dev.py demo        the main job on the bundled dataset
-    python3 dev.py test        the test suite
+    python3 dev.py test        the linter (ruff), then the test suite
     python3 dev.py patchnet …  any `patchnet` command
     python3 dev.py bench NAME  a benchmark in bench/ (bulk, heatmap, memory, multiworker, pipeline,
                               rest_servers, serving, serving_restart, train)
@@ -33,8 +33,10 @@ def requirements_hash():
 
 def ensure_environment():
     wanted = requirements_hash()
-    if os.path.exists(STAMP) and open(STAMP).read() == wanted:
-        return
+    if os.path.exists(STAMP):
+        with open(STAMP) as file:
+            if file.read() == wanted:
+                return
     if sys.version_info[:2] != (3, 11):
         sys.exit(f"dev.py: Python 3.11 is required (TensorFlow 2.21 pins), this is {sys.version.split()[0]}")
     print(f"dev.py: setting up {VENV} (a few minutes the first time)", flush=True)
@@ -52,7 +54,9 @@ def main(argv):
     ensure_environment()
     command, rest = argv[0], argv[1:]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if command == "test":
+    if command == "test":  # the linter first (configured in pyproject.toml), then the suite
+        if subprocess.run([os.path.join(VENV, "bin", "ruff"), "check", ROOT]).returncode != 0:
+            sys.exit("dev.py test: ruff found the problems above (`.venv/bin/ruff check --fix` mends many)")
         args = [PYTHON, "-m", "pytest", "-q", *rest]
     elif command == "bench":
         if not rest:

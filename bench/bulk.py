@@ -26,14 +26,13 @@ import sys
 import tempfile
 import time
 
+import cv2
+import keras
+import numpy as np
+
 from bench.common import MetricRows, environment, one_pass_flops, subnet_patch_flops
-
-import cv2  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from patchnet_tf import build_patchnet  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
+from patchnet_tf import build_patchnet
+from patchnet_tf.preprocessing import Preprocessing
 
 PATCH = 21
 HEIGHT, WIDTH = 192, 256

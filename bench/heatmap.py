@@ -10,23 +10,22 @@ Model: the paper's ISIC subnet, p = 21, 7 x 64 3x3 convs, random weights
 import argparse
 import math
 
+import keras
+import numpy as np
+import tensorflow as tf
+
 from bench.common import (
-    paired,
-    one_pass_flops,
     MetricRows,
+    environment,
+    one_pass_flops,
+    paired,
     subnet_patch_flops,
     timed,
     vgg11,
     vgg11_forward_flops,
-    environment,
 )
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from patchnet_tf import heatmaps  # noqa: E402
-from patchnet_tf.model import build_patchnet  # noqa: E402
+from patchnet_tf import heatmaps
+from patchnet_tf.model import build_patchnet
 
 PATCH = 21
 HEIGHT, WIDTH = 192, 256

@@ -21,20 +21,19 @@ import sys
 import tempfile
 import time
 
+import cv2
+import grpc
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
 from bench.common import environment, print_table, write_json
-
-import cv2  # noqa: E402
-import grpc  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
-
-from patchnet_tf import build_patchnet  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
-from pipelines.export import write_saved_model  # noqa: E402
-from pipelines.push import copy_version  # noqa: E402
-from serving.client import build_request  # noqa: E402
+from patchnet_tf import build_patchnet
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.export import write_saved_model
+from pipelines.push import copy_version
+from serving.client import build_request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = 4096

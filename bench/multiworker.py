@@ -24,10 +24,9 @@ import tempfile
 import numpy as np
 
 from bench.common import environment, print_table, write_json
-
-from patchnet_tf.runs import load_trained_model  # noqa: E402
-from pipelines.cluster import free_ports, start_workers  # noqa: E402
-from pipelines.textures import write_texture_dataset  # noqa: E402
+from patchnet_tf.runs import load_trained_model
+from pipelines.cluster import free_ports, start_workers
+from pipelines.textures import write_texture_dataset
 
 FLAGS = ["--image-size", "32x32", "--patch-size", "9", "--filters", "4", "--conv-layers", "2",
          "--learning-rate", "3e-3", "--heatmap-every", "0", "--batch-size", "8"]
@@ -40,8 +39,8 @@ def train_clusters(data, root, seed, epochs, augmentation):
     for count in (1, 2):
         runs[count] = os.path.join(root, f"seed{seed}-{'aug' if augmentation else 'plain'}-{count}")
         addresses = [f"127.0.0.1:{port}" for port in free_ports(count)]
-        log = lambda index, run=runs[count]: open(f"{run}-worker{index}.log", "w")
-        processes += start_workers([data, "--out", runs[count], *FLAGS, *extra], addresses, output=log,
+        processes += start_workers([data, "--out", runs[count], *FLAGS, *extra], addresses,
+                                   log_path=lambda index, run=runs[count]: f"{run}-worker{index}.log",
                                    env={"TF_CPP_MIN_LOG_LEVEL": "3"})
     for process in processes:
         if process.wait() != 0:

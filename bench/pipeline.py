@@ -21,14 +21,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
+import keras
 
-from bench.common import environment, matmul_gflops, print_table, subnet_patch_flops, write_json  # noqa: E402
-from patchnet_tf.augment import Augmentation, AugmentedModel  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
-from pipelines.data import image_dataset, load_folder_dataset  # noqa: E402
-from pipelines.textures import write_texture_dataset  # noqa: E402
-from pipelines.train import compile_model  # noqa: E402
+from bench.common import environment, matmul_gflops, print_table, subnet_patch_flops, write_json
+from patchnet_tf.augment import Augmentation, AugmentedModel
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.data import image_dataset, load_folder_dataset
+from pipelines.textures import write_texture_dataset
+from pipelines.train import compile_model
 
 
 class _EpochTimes(keras.callbacks.Callback):
@@ -82,7 +82,8 @@ def main(argv=None):
     cached = image_dataset(split, preprocessing, batch, shuffle=True, balance=True, cache="memory")
     rows.append({"setting": "real pipeline (cached, balanced)", "seconds_per_epoch": _fit_seconds(model_options, cached, epochs)})
     streamed = image_dataset(split, preprocessing, batch, shuffle=True, balance=True, cache="off")
-    rows.append({"setting": "real pipeline, decode every epoch", "seconds_per_epoch": _fit_seconds(model_options, streamed, epochs)})
+    rows.append({"setting": "real pipeline, decode every epoch",
+                 "seconds_per_epoch": _fit_seconds(model_options, streamed, epochs)})
     augmented = Augmentation(rotation=180, zoom=1.2, horizontal_flip=True, vertical_flip=True)
     rows.append({"setting": "real pipeline + augmentation in the step",
                  "seconds_per_epoch": _fit_seconds(model_options, cached, epochs, augmentation=augmented)})

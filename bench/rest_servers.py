@@ -18,19 +18,18 @@ import shutil
 import subprocess
 import tempfile
 
+import cv2
+import keras
+import numpy as np
+
 from bench.common import environment, print_table, write_json
 from bench.serving import percentile, rest_client, run_block
-
-import cv2  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from patchnet_tf import build_patchnet  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
-from pipelines.export import write_saved_model  # noqa: E402
-from pipelines.push import copy_version  # noqa: E402
-from serving import handlers  # noqa: E402
-from serving.server import start_server  # noqa: E402
+from patchnet_tf import build_patchnet
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.export import write_saved_model
+from pipelines.push import copy_version
+from serving import handlers
+from serving.server import start_server
 
 OLD_COMMIT = "25f99a4"  # the last commit with the http.server front end
 CLIENTS = (1, 4, 16)

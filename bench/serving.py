@@ -35,23 +35,22 @@ import time
 
 os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")  # TensorFlow as `patchnet serve` starts it
 
-from bench.common import environment, print_table, write_json  # noqa: E402
+import cv2
+import grpc
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-import cv2  # noqa: E402
-import grpc  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
-
-from patchnet_tf import build_patchnet  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
-from pipelines.export import write_saved_model  # noqa: E402
-from pipelines.push import copy_version  # noqa: E402
-from serving.batching import read_batching_parameters  # noqa: E402
-from serving.client import MAX_MESSAGE, build_request  # noqa: E402
-from serving.loader import LoadedModel  # noqa: E402
-from serving.server import start_server  # noqa: E402
+from bench.common import environment, print_table, write_json
+from patchnet_tf import build_patchnet
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.export import write_saved_model
+from pipelines.push import copy_version
+from serving.batching import read_batching_parameters
+from serving.client import MAX_MESSAGE, build_request
+from serving.loader import LoadedModel
+from serving.server import start_server
 
 SIGNATURES = ("classify", "heatmap")
 CLIENTS = (1, 4, 16)

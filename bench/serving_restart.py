@@ -26,19 +26,18 @@ import tempfile
 import threading
 import time
 
+import cv2
+import keras
+import numpy as np
+
 from bench.common import environment, print_table, write_json
-
-import cv2  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from patchnet_tf import build_patchnet  # noqa: E402
-from patchnet_tf.errors import PatchNetError  # noqa: E402
-from patchnet_tf.preprocessing import Preprocessing  # noqa: E402
-from pipelines.export import write_saved_model  # noqa: E402
-from pipelines.push import copy_version  # noqa: E402
-from serving import client, warmup  # noqa: E402
-from serving.loader import LoadedModel  # noqa: E402
+from patchnet_tf import build_patchnet
+from patchnet_tf.errors import PatchNetError
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.export import write_saved_model
+from pipelines.push import copy_version
+from serving import client, warmup
+from serving.loader import LoadedModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = 2

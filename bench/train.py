@@ -16,22 +16,21 @@ Writes bench/results/train[_quick].json.
 import argparse
 import math
 
+import keras
+import numpy as np
+import tensorflow as tf
+
 from bench.common import (
+    MetricRows,
     environment,
     one_pass_flops,
     paired,
-    MetricRows,
     print_table,
     subnet_patch_flops,
     write_json,
 )
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from patchnet_tf.layers import ConvolutionalPatchwiseSubnet, MeanPatchProbability  # noqa: E402
-from patchnet_tf.model import PatchNet, build_patchnet  # noqa: E402
+from patchnet_tf.layers import ConvolutionalPatchwiseSubnet, MeanPatchProbability
+from patchnet_tf.model import PatchNet, build_patchnet
 
 PATCH = 21
 
@@ -85,7 +84,7 @@ def which_padding(seeds, epochs):
             model = build_patchnet(11, padding=padding, filters=32, conv_layers=4)
             model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                           metrics=["accuracy"])
-            fit = timed(lambda: model.fit(train[0], train[1], batch_size=8, epochs=epochs,
+            fit = timed(lambda: model.fit(train[0], train[1], batch_size=8, epochs=epochs,  # noqa: B023 (called at once)
                                           shuffle=True, verbose=0), warmup=0, repeats=1)
             _, accuracy = model.evaluate(test[0], test[1], verbose=0)
             from sklearn.metrics import roc_auc_score
@@ -95,8 +94,9 @@ def which_padding(seeds, epochs):
             maps = heatmap(model, test[0][inlays])
             metrics = mask_metrics(maps, test[2][inlays])
             heatmap(model, big[:11, :11])
-            map_64 = timed(lambda: heatmap(model, test[0][0]), repeats=5)
-            map_big = timed(lambda: heatmap(model, big), warmup=0, repeats=1 if padding == "same" else 3)
+            map_64 = timed(lambda: heatmap(model, test[0][0]), repeats=5)  # noqa: B023 (called at once)
+            map_big = timed(lambda: heatmap(model, big), warmup=0,  # noqa: B023 (called at once)
+                            repeats=1 if padding == "same" else 3)
             runs.append({"padding": padding, "seed": seed, "test_accuracy": accuracy,
                          "image_auroc": image_auroc, **metrics,
                          "fit_s": fit["median_s"], "heatmap_64_s": map_64["median_s"],
@@ -105,7 +105,10 @@ def which_padding(seeds, epochs):
                          "heatmap_192x256_cpu_s": map_big["cpu_median_s"]})
             print(f"  {runs[-1]}", flush=True)
         mine = [run for run in runs if run["padding"] == padding]
-        mean = lambda key: float(np.mean([run[key] for run in mine]))  # noqa: E731
+
+        def mean(key, mine=mine):
+            return float(np.mean([run[key] for run in mine]))
+
         rows.append({
             "padding": padding, "seeds": seeds,
             "test_accuracy": mean("test_accuracy"),
@@ -124,7 +127,8 @@ def which_padding(seeds, epochs):
         f"Adam 1e-3, batch 8, {epochs} epochs; means over seeds",
         rows,
         [("padding", "padding"), ("seeds", "seeds"), ("test_accuracy", "test acc"),
-         ("accuracy_range", "acc range"), ("image_auroc", "image AUROC"), ("auroc", "heatmap AUROC"), ("exact_match", "exact match"),
+         ("accuracy_range", "acc range"), ("image_auroc", "image AUROC"), ("auroc", "heatmap AUROC"),
+         ("exact_match", "exact match"),
          ("recall", "recall"), ("fit_s", "fit s"), ("heatmap_64_s", "map 64x64 s"),
          ("heatmap_192x256_s", "map 192x256 s"), ("heatmap_192x256_cpu_s", "map 192x256 CPU s")],
     )
@@ -194,8 +198,8 @@ def main(argv=None):
         compiled(per_patch)
         compiled(convolutional)
         comparison = paired(
-            lambda: per_patch.train_on_batch(step_images, step_labels),
-            lambda: convolutional.train_on_batch(step_images, step_labels),
+            lambda: per_patch.train_on_batch(step_images, step_labels),  # noqa: B023 (called at once)
+            lambda: convolutional.train_on_batch(step_images, step_labels),  # noqa: B023 (called at once)
             warmup=1, pairs=pairs,
         )
         results[f"valid_stride_{stride}"] = {

@@ -59,9 +59,8 @@ def write_png(path, pixels):
 
 
 def atomic_write_text(path, text):
-    with atomic_path(path) as temporary:
-        with open(temporary, "w") as file:
-            file.write(text)
+    with atomic_path(path) as temporary, open(temporary, "w") as file:
+        file.write(text)
 
 
 def fsync(path):

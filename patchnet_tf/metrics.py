@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from patchnet_tf.errors import PatchNetError
 
+
 def image_mask_metrics(heat, mask, *, threshold=0.5):
     """(exact match, recall or NaN, AUROC or NaN) of one (H, W) heatmap against its mask."""
     heat = np.asarray(heat, np.float64)

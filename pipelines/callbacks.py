@@ -69,7 +69,7 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
 def _resumable_state(callback):
     names = ("wait", "best", "best_epoch", "stopped_epoch", "left_plateau")
     return {
-        name: float(getattr(callback, name)) if "best" == name else getattr(callback, name)
+        name: float(getattr(callback, name)) if name == "best" else getattr(callback, name)
         for name in names
         if isinstance(getattr(callback, name, None), (int, float))
     }
@@ -200,9 +200,9 @@ class TensorBoardHeatmaps(PeriodicImageSummaries):
         self.name = name
 
     def write(self, epoch):
-        from patchnet_tf.heatmaps import heatmap, heatmap_overlay, heatmap_to_gray
-
         import cv2
+
+        from patchnet_tf.heatmaps import heatmap, heatmap_overlay, heatmap_to_gray
 
         model = inference_model(self.model)
         maps = heatmap(model, self.images, stride=self.stride)

@@ -36,19 +36,21 @@ def tf_config(addresses, index):
     return json.dumps({"cluster": {"worker": list(addresses)}, "task": {"type": "worker", "index": index}})
 
 
-def start_workers(train_args, addresses, *, output=None, env=None):
+def start_workers(train_args, addresses, *, log_path=None, env=None):
     """One `patchnet train TRAIN_ARGS --strategy multiworker` process per address, as subprocess.Popen.
 
-    `output(index)` gives each worker's stdout/stderr (a file, or None for a pipe).
+    Each worker's stdout and stderr go to the file `log_path(index)`, or to a pipe without `log_path`.
     """
     workers = []
     for index in range(len(addresses)):
         worker_env = {**os.environ, **(env or {}), "TF_CONFIG": tf_config(addresses, index)}
-        stream = output(index) if output else subprocess.PIPE
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "patchnet_tf", "train", *train_args, "--strategy", "multiworker"],
-            env=worker_env, stdout=stream, stderr=subprocess.STDOUT, text=True,
-        ))
+        command = [sys.executable, "-m", "patchnet_tf", "train", *train_args, "--strategy", "multiworker"]
+        if log_path is None:
+            workers.append(subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True))
+            continue
+        with open(log_path(index), "w") as log:  # the worker keeps its own copy of the descriptor
+            workers.append(subprocess.Popen(command, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
     return workers
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
+from patchnet_tf.errors import MissingSplit, PatchNetError
 from patchnet_tf.flag_types import (
     cell_pixels,
     image_size,
@@ -37,7 +38,6 @@ from patchnet_tf.flag_types import (
     positive_int,
     unit_interval,
 )
-from patchnet_tf.errors import MissingSplit, PatchNetError
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
 from pipelines import evaluate as evaluation

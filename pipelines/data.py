@@ -156,7 +156,9 @@ def split_fraction(split, fraction, seed):
     for label in np.unique(split.labels):
         members = rng.permutation(np.flatnonzero(split.labels == label))
         second[members[: max(1, int(round(fraction * len(members))))]] = True
-    pick = lambda mask: Split([p for p, m in zip(split.paths, mask) if m], split.labels[mask])
+    def pick(mask):
+        return Split([p for p, m in zip(split.paths, mask) if m], split.labels[mask])
+
     return pick(~second), pick(second)
 
 

@@ -42,11 +42,12 @@ class Stages:
 
 def run(args):
     from pipelines.compare import figure_grid, write_png
-    from pipelines.evaluate import evaluate_model, format_results, load_run, mask_pairs, masked_heatmaps
     from pipelines.data import load_folder_dataset
+    from pipelines.evaluate import evaluate_model, format_results, load_run, mask_pairs, masked_heatmaps
     from pipelines.push import push
     from pipelines.textures import write_texture_dataset
-    from pipelines.train import MODEL_NAME as MODEL_FILE, check_flags, train
+    from pipelines.train import MODEL_NAME as MODEL_FILE
+    from pipelines.train import check_flags, train
     from serving.client import predict, write_heatmaps
     from serving.server import check_port_free, start_server
 

@@ -56,7 +56,7 @@ def class_names(classes=2, targets=None):
     return (DISTRACTOR_CLASS,) + tuple(DIGIT_NAMES[digit] for digit in targets)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _handwriting():
     """load_digits() as (1797, 8, 8) float32 images in [0, 1] (0..16 in the package) and their digits."""
     from sklearn.datasets import load_digits
@@ -65,7 +65,7 @@ def _handwriting():
     return bunch.images.astype(np.float32) / 16.0, bunch.target
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_indices(seed):
     """{split: {digit: indices into load_digits()}}: each digit's samples split 60/20/20 by `seed`."""
     labels = _handwriting()[1]

@@ -21,9 +21,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path
-from patchnet_tf.flag_types import positive_int, unit_interval
 from patchnet_tf.errors import MissingSplit, PatchNetError, PositiveClassMismatch
 from patchnet_tf.explain import explain
+from patchnet_tf.flag_types import positive_int, unit_interval
 from patchnet_tf.metrics import (
     confusion_matrix,
     format_confusion_matrix,
@@ -35,7 +35,6 @@ from patchnet_tf.metrics import (
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 from pipelines.progress import Progress
-
 
 
 def add_arguments(parser):

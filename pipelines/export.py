@@ -33,8 +33,8 @@ import keras
 import tensorflow as tf
 
 from patchnet_tf.atomic import check_output_path
-from patchnet_tf.flag_types import positive_int
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
 from patchnet_tf.preprocessing import decode_image, encoded_image_size
 from patchnet_tf.runs import load_trained_model
@@ -87,8 +87,7 @@ def as_float32(model):
 
 
 def _all_layers(model):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        yield layer
+    yield from model._flatten_layers(include_self=False, recursive=True)
 
 
 def _check_image_bytes(image_bytes):

@@ -14,10 +14,10 @@ import os
 import numpy as np
 
 from patchnet_tf.atomic import check_output_path, write_png
-from patchnet_tf.flag_types import positive_int
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
+from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import filter_heatmaps, heatmap_to_gray, output_stems, write_heatmap_pngs
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image

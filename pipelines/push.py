@@ -32,17 +32,20 @@ from sklearn.metrics import roc_auc_score
 from tensorflow_serving.config import model_server_config_pb2
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path, fsync
-from patchnet_tf.flag_types import nonnegative_int, open_unit_interval, positive_int, unit_interval
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.flag_types import nonnegative_int, open_unit_interval, positive_int, unit_interval
 from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
 from pipelines.export import (
-    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, add_pixel_limit_arguments, check_pixel_limits,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    add_pixel_limit_arguments,
+    check_pixel_limits,
     export_saved_model,
 )
 from serving import warmup
-from serving.loader import LoadedModel, first_line
 from serving.core import list_versions
+from serving.loader import LoadedModel, first_line
 
 STEPS = ("export", "evaluate", "bless", "warmup", "infra-validate", "push")
 CHANCE_AUROC = 0.5

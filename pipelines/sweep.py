@@ -18,8 +18,8 @@ import os
 import statistics
 
 from patchnet_tf.atomic import atomic_write_text
-from patchnet_tf.flag_types import positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.flag_types import positive_float, positive_int
 
 COLUMNS = (
     "model",

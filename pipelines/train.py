@@ -30,9 +30,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf import baselines
+from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.augment import Augmentation, AugmentedModel
+from patchnet_tf.errors import PatchNetError, WorkerLost
 from patchnet_tf.flag_types import (
     image_size,
     nonnegative_float,
@@ -42,7 +43,6 @@ from patchnet_tf.flag_types import (
     positive_int,
     zoom_factor,
 )
-from patchnet_tf.errors import PatchNetError, WorkerLost
 from patchnet_tf.heatmaps import check_centred_patch_size
 from patchnet_tf.model import build_patchnet, loss_for, output_classes
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics

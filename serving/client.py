@@ -29,8 +29,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from patchnet_tf.atomic import check_output_path
-from patchnet_tf.flag_types import host_port, nonnegative_int, positive_float, positive_int
 from patchnet_tf.errors import PatchNetError
+from patchnet_tf.flag_types import host_port, nonnegative_int, positive_float, positive_int
 from patchnet_tf.heatmaps import output_stems, write_heatmap_pngs
 
 SIGNATURES = ("classify", "heatmap")

@@ -38,7 +38,12 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
 )
 
 from patchnet_tf.errors import PatchNetError
@@ -812,7 +817,7 @@ async def read_body(request, limit, idle_seconds):
             chunk = await asyncio.wait_for(anext(stream), idle_seconds)
         except StopAsyncIteration:
             return b"".join(chunks)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServingError("DEADLINE_EXCEEDED", f"no request body bytes arrived for {idle_seconds:g} s; "
                                                     f"{size} of the body received") from None
         size += len(chunk)

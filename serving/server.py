@@ -49,7 +49,12 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import (
-    message_bytes, nonnegative_float, nonnegative_int, port_number, positive_float, positive_int,
+    message_bytes,
+    nonnegative_float,
+    nonnegative_int,
+    port_number,
+    positive_float,
+    positive_int,
 )
 from serving import handlers
 from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters

@@ -4,8 +4,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow as `patchnet serve` starts it (patchnet_launcher.py): oneDNN allocates with malloc.
 os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
 
 @pytest.fixture(autouse=True)
@@ -17,8 +17,9 @@ def _seeded():
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
     """Two versions of a tiny model as SavedModels, exported once for every serving test module."""
-    from pipelines.export import write_saved_model
     from test_serving import PREPROCESSING, tiny_model
+
+    from pipelines.export import write_saved_model
 
     root = tmp_path_factory.mktemp("exports")
     models = [tiny_model(0), tiny_model(1)]

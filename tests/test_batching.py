@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_serving import MODEL, PREPROCESSING, TOLERANCE, images, outputs, request, tiny_model
 
 from patchnet_tf.cli import main as cli_main
 from patchnet_tf.errors import PatchNetError
@@ -20,7 +21,6 @@ from serving import client
 from serving.batching import QUEUE_FULL, BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.loader import LoadedModel
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, TOLERANCE, images, outputs, request, tiny_model
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serving", "batching.config")
 

@@ -9,6 +9,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+from test_cli import patchnet
 
 from patchnet_tf import build_patchnet, cli, heatmap
 from patchnet_tf.heatmaps import heatmap_to_gray, output_stems
@@ -16,7 +17,6 @@ from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import load_trained_model
 from pipelines import bulk
 from pipelines.data import read_image
-from test_cli import patchnet
 
 CLASS_NAMES = ("benign", "malignant")
 
@@ -76,7 +76,7 @@ def test_bulk_writes_what_heatmap_writes_and_a_complete_results_file(capsys, arc
     inputs = np.stack([preprocessing(read_image(path)).numpy() for path in sorted(good)])
     probabilities = model.predict(inputs, verbose=0)[:, 0]
     maps = heatmap(model, inputs)
-    for row, probability, heat in zip(rows, probabilities, maps):
+    for row, probability in zip(rows, probabilities):
         assert abs(float(row["probability"]) - probability) < 1e-5
         assert int(row["label"]) == int(probability >= 0.5)
         assert row["class_name"] == CLASS_NAMES[int(row["label"])]

@@ -4,16 +4,17 @@ import csv
 import glob
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_evaluate import SIZE, write_masked_dataset
 
 from patchnet_tf.cli import main
 from pipelines import compare as comparison
 from pipelines import evaluate as evaluation
-from test_evaluate import SIZE, write_masked_dataset
 
 CELL = 40
 
@@ -44,9 +45,9 @@ def test_writes_both_tables_with_the_numbers_evaluate_gives(compared):
     assert [row["model"] for row in table1] == ["PatchNet-7", "CAM", "VGG-11"]
     assert [row["model"] for row in table2] == ["PatchNet-7", "CAM", "Grad-CAM"]
     assert set(table1[0]) == {"model", "val_loss", "val_accuracy", "test_loss", "test_accuracy"}
-    markdown = open(os.path.join(out, "table1.md")).read()
+    markdown = Path(os.path.join(out, "table1.md")).read_text()
     assert "| Model | Validation Loss | Validation Accuracy | Test Loss | Test Accuracy |" in markdown
-    markdown = open(os.path.join(out, "table2.md")).read()
+    markdown = Path(os.path.join(out, "table2.md")).read_text()
     assert ("| Model | Average Exact Match | Average Recall | Average AUROC "
             "| Exact Match, Border Band | Exact Match, Interior |") in markdown
     assert "recall over the 4 with a non-empty mask" in markdown
@@ -88,10 +89,10 @@ def test_writes_the_figure_grid_and_logs_it(compared):
 
 def test_no_train_loads_the_runs_and_needs_them(compared, tmp_path, capsys):
     data, out = compared
-    before = open(os.path.join(out, "table2.csv")).read()
+    before = Path(os.path.join(out, "table2.csv")).read_text()
     assert main(["compare", data, "--out", out, "--no-train", "--image-size", str(SIZE),
                  "--patch-size", "7", "--samples", "4", "--cell", str(CELL)]) == 0
-    assert open(os.path.join(out, "table2.csv")).read() == before
+    assert Path(os.path.join(out, "table2.csv")).read_text() == before
     capsys.readouterr()
     assert main(["compare", data, "--out", str(tmp_path / "empty"), "--no-train"]) == 2
     assert "no such model file" in capsys.readouterr().err

@@ -4,6 +4,7 @@ counts, splits with no shared handwriting, determinism, and the folder layout co
 import glob
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -45,7 +46,7 @@ def test_masks_are_the_target_digits_ink_and_class_0_holds_no_target(classes):
                 assert np.median(image[..., 0][mask > 0]) > 0.4 * 255
             boxes = np.zeros(SIZE, int)
             for _, _, glyph, (top, left) in placed:
-                assert 0 <= top and top + glyph.shape[0] <= SIZE[0] and 0 <= left and left + glyph.shape[1] <= SIZE[1]
+                assert top >= 0 and top + glyph.shape[0] <= SIZE[0] and left >= 0 and left + glyph.shape[1] <= SIZE[1]
                 boxes[top : top + glyph.shape[0], left : left + glyph.shape[1]] += 1
                 assert digits.DIGIT_HEIGHT[0] <= glyph.shape[0] <= digits.DIGIT_HEIGHT[1]
             assert boxes.max() == 1  # digits never overlap
@@ -72,8 +73,7 @@ def test_splits_share_no_handwritten_sample():
             for label in (0, 1):
                 for index in range(10):
                     used[split] |= {source for _, source, *_ in digits.digit_layout(seed, split, label, index, SIZE)[0]}
-            for digit in (4, 9):
-                assert used[split] <= set(np.concatenate([indices[split][d] for d in (4, 9)]))
+            assert used[split] <= set(np.concatenate([indices[split][d] for d in (4, 9)]))
         assert not (used["train"] & used["val"] or used["train"] & used["test"] or used["val"] & used["test"])
     # Another seed splits the handwriting differently.
     assert set(digits.source_indices(0)["train"][4]) != set(digits.source_indices(1)["train"][4])
@@ -85,7 +85,7 @@ def test_layout_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     again = digits.write_digit_dataset(str(tmp_path / "b"), count=count, seed=3)
     other = digits.write_digit_dataset(str(tmp_path / "c"), count=count, seed=4)
     assert digest(first) == digest(again) and digest(first)[0] != digest(other)[0]
-    assert json.load(open(os.path.join(first, "dataset.json")))["class_names"] == ["distractors", "four"]
+    assert json.loads(Path(os.path.join(first, "dataset.json")).read_text())["class_names"] == ["distractors", "four"]
     dataset = load_folder_dataset(first)
     assert dataset.class_names == ("distractors", "four") and set(dataset.splits) == {"train", "val", "test"}
     for split, number in count.items():
@@ -101,7 +101,7 @@ def test_layout_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 def test_three_classes_write_a_mask_per_target_class(tmp_path):
     root = digits.write_digit_dataset(str(tmp_path / "d3"), count=2, classes=3)
-    names = json.load(open(os.path.join(root, "dataset.json")))["class_names"]
+    names = json.loads(Path(os.path.join(root, "dataset.json")).read_text())["class_names"]
     assert names == ["distractors", "four", "seven"]
     for path in glob.glob(os.path.join(root, "*", "*", "*.png")):
         if os.sep + "masks" + os.sep in path:

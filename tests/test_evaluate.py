@@ -3,6 +3,7 @@ checked against numbers computed here from the same model."""
 
 import json
 import os
+from pathlib import Path
 
 import cv2
 import keras
@@ -119,7 +120,7 @@ def test_missing_mask_is_a_clear_error_unless_skipped(dataset, tmp_path, capsys)
     masks = tmp_path / "some_masks"
     masks.mkdir()
     kept = "square-val-0.png"
-    (masks / kept).write_bytes(open(os.path.join(dataset, "masks", kept), "rb").read())
+    (masks / kept).write_bytes(Path(os.path.join(dataset, "masks", kept)).read_bytes())
     run = _save_run(baselines.build("cam", (SIZE, SIZE, 3), width=1), str(tmp_path / "cam"))
 
     code = main(["evaluate", run, dataset, "--masks", str(masks)])

@@ -4,6 +4,7 @@ rules that wait out the ln 2 plateau, and maps as right at the border as inside.
 import json
 import math
 import os
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -18,8 +19,8 @@ from patchnet_tf.runs import load_trained_model
 from pipelines.callbacks import EarlyStoppingAfterPlateau
 from pipelines.data import image_dataset, load_folder_dataset
 from pipelines.evaluate import evaluate
-from pipelines.presets import CPU
 from pipelines.export import export_saved_model
+from pipelines.presets import CPU
 from pipelines.textures import write_texture_dataset
 from pipelines.train import train
 from serving.loader import LoadedModel
@@ -75,7 +76,7 @@ def test_normalized_run_exports_and_serves_what_it_computes_in_process(trained, 
     export_dir = str(tmp_path / "export")
     export_saved_model(out, export_dir)
     paths = sorted(load_folder_dataset(grey_textures).splits["val"].paths)[:3]
-    image_bytes = [open(path, "rb").read() for path in paths]
+    image_bytes = [Path(path).read_bytes() for path in paths]
     inputs = np.stack([preprocessing(decode_image(data)).numpy() for data in image_bytes])
     loaded = LoadedModel(export_dir)
     try:
@@ -93,8 +94,8 @@ def test_a_run_saved_without_statistics_still_loads_evaluates_and_exports(traine
     old = tmp_path / "old-run"
     old.mkdir()
     for name in ("model.keras", "train_config.json"):
-        (old / name).write_bytes(open(os.path.join(out, name), "rb").read())
-    fields = json.load(open(os.path.join(out, CONFIG_NAME)))
+        (old / name).write_bytes(Path(os.path.join(out, name)).read_bytes())
+    fields = json.loads(Path(os.path.join(out, CONFIG_NAME)).read_text())
     del fields["mean"], fields["std"]
     (old / CONFIG_NAME).write_text(json.dumps(fields))
     model, preprocessing = load_trained_model(str(old))

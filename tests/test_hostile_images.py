@@ -17,18 +17,16 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_serving import MODEL, PREPROCESSING, outputs, request, tiny_model
 
 from patchnet_tf import build_patchnet
 from patchnet_tf.cli import main as cli_main
-from patchnet_tf.preprocessing import Preprocessing
-from patchnet_tf.preprocessing import encoded_image_size
+from patchnet_tf.preprocessing import Preprocessing, encoded_image_size
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
-from serving import client
-from serving import memory
+from serving import client, memory
 from serving.loader import LoadedModel
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, outputs, request, tiny_model
 
 MAX_IMAGE_PIXELS = 100 * 100
 MAX_REQUEST_PIXELS = 25_000

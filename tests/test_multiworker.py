@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +37,8 @@ def launch():
         # TMPDIR: where the non-chief workers keep their scratch (patchnet-*).
         addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
         os.makedirs(logs, exist_ok=True)
-        output = lambda index: open(os.path.join(logs, f"{os.path.basename(out)}-{index}.log"), "w")
-        processes = start_workers([data, "--out", out, *FLAGS, *extra], addresses, output=output,
+        processes = start_workers([data, "--out", out, *FLAGS, *extra], addresses,
+                                  log_path=lambda index: os.path.join(logs, f"{os.path.basename(out)}-{index}.log"),
                                   env={"TMPDIR": scratch, "TF_CPP_MIN_LOG_LEVEL": "3"})
         started.extend(processes)
         return processes
@@ -94,12 +95,13 @@ def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, 
     assert any(np.abs(a).max() > 0 for a in model_two.get_weights())
 
     # The chief wrote the run folder, exactly as one worker does; worker 1 left nothing behind.
-    listing = lambda run: sorted(os.path.relpath(os.path.join(folder, name), run)
-                                 for folder, _, names in os.walk(run) for name in names
-                                 if not name.startswith("events.out"))  # event files name host and pid
+    def listing(run):  # event files name host and pid: left out
+        return sorted(os.path.relpath(os.path.join(folder, name), run)
+                      for folder, _, names in os.walk(run) for name in names if not name.startswith("events.out"))
+
     assert listing(runs[2]) == listing(runs[1])
     assert not [name for name in os.listdir(scratch) if name.startswith("patchnet-")]
-    assert json.load(open(os.path.join(runs[2], "train_config.json")))["strategy"] == "multiworker"
+    assert json.loads(Path(os.path.join(runs[2], "train_config.json")).read_text())["strategy"] == "multiworker"
 
 
 def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path, launch):
@@ -110,7 +112,7 @@ def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path,
     chief, worker = launch(textures, run, 2, extra, logs, scratch)
     metadata = os.path.join(run, "backup", "training_metadata.json")
     deadline = time.monotonic() + WAIT
-    while not (os.path.exists(metadata) and json.load(open(metadata))["epoch"] >= 1):
+    while not (os.path.exists(metadata) and json.loads(Path(metadata).read_text())["epoch"] >= 1):
         assert chief.poll() is None and worker.poll() is None, "a worker stopped before epoch 1 ended"
         assert time.monotonic() < deadline, "epoch 1 did not finish"
         time.sleep(0.05)
@@ -118,7 +120,7 @@ def test_killed_worker_resumes_after_the_last_finished_epoch(textures, tmp_path,
     worker.wait()
 
     status, output = finish(chief, logs, run, 0)
-    finished = json.load(open(metadata))["epoch"]
+    finished = json.loads(Path(metadata).read_text())["epoch"]
     assert finished == 1  # epoch 2 cannot finish without worker 1
     assert status == 75, output[-3000:]
     last = output.strip().splitlines()[-1]

@@ -200,9 +200,9 @@ def test_convolutional_patch_probabilities_and_gradients_match_extract_patches(
     patch_size, stride, size, region
 ):
     model, subnet, _, _ = _per_patch_and_convolutional(patch_size, stride, region)
-    per_patch = lambda x: PatchwiseSubnet(subnet)(
-        ExtractPatches(patch_size, stride, region=region)(x)
-    )
+    def per_patch(x):
+        return PatchwiseSubnet(subnet)(ExtractPatches(patch_size, stride, region=region)(x))
+
     convolutional = ConvolutionalPatchwiseSubnet(subnet, patch_size, stride, region=region)
     rng = np.random.default_rng(9)
     images = tf.constant(rng.random((2, *size, 3), dtype=np.float32))

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 from patchnet_tf import heatmap
 from pipelines.export import write_saved_model
@@ -23,7 +24,6 @@ from pipelines.push import copy_version
 from serving import client
 from serving.rest import _float_texts, debug_string
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_bad_requests_get_tf_serving_json_errors_and_server_keeps_serving(rest, 
 def test_status_and_metadata_errors(rest):
     server, _ = rest
     cases = [
-        (f"/v1/models/nope", 404, "Could not find any versions of model nope"),
+        ("/v1/models/nope", 404, "Could not find any versions of model nope"),
         (f"/v1/models/{MODEL}/versions/7", 404, f"Could not find version 7 of model {MODEL}"),
         ("/v1/models/nope/metadata", 404, "Servable not found for request: Latest(nope)"),
         ("/v1/models", 400, "Missing model name in request."),

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
+from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, request, tiny_model
 
 CAP = 1 << 20  # --max-message-bytes for this server: 1 MiB, for gRPC and REST alike
 RSS_GROWTH_BOUND = 200 << 20  # no hostile request may grow the (in-process) server by more than this

@@ -27,16 +27,20 @@ from google.protobuf import json_format, text_format
 from tensorflow.core.example import example_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc, regression_pb2,
+    classification_pb2,
+    model_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
 )
 from tensorflow_serving.config import model_server_config_pb2
+from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, tiny_model
 
 from pipelines.export import write_saved_model
 from pipelines.push import copy_version
 from serving.errors import ServingError
 from serving.rest import classify_regress_request, error_json, predict_request, response_json
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, TOLERANCE, expected, images, tiny_model
 
 LABEL = "stable"  # kTestModelVersionLabel, on version 1 as theirs is on 123
 GOOD = images(1)[0]

@@ -10,13 +10,13 @@ import threading
 import time
 
 import numpy as np
+from test_serving import MODEL, TOLERANCE, expected, images, predicting_in_a_loop, wait_until
 
 from patchnet_tf.errors import PatchNetError
 from pipelines.push import copy_version
 from serving import client
 from serving.loader import LoadedModel
 from serving.server import start_server
-from test_serving import MODEL, TOLERANCE, expected, images, predicting_in_a_loop, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import prediction_service_pb2_grpc
+from test_serving import MODEL, PREPROCESSING, images, request, tiny_model
 
 from patchnet_tf.cli import main as cli_main
 from patchnet_tf.errors import PatchNetError
@@ -21,7 +22,6 @@ from pipelines.push import copy_version
 from serving.batching import BatchingOptions
 from serving.metrics import DEFAULT_PATH, LATENCY_BUCKETS_MICROS, Metrics, read_monitoring_config
 from serving.server import start_server
-from test_serving import MODEL, PREPROCESSING, images, request, tiny_model
 
 GOOD = images(1)[0]
 

@@ -15,12 +15,12 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
+from test_serving import TOLERANCE, expected, images, outputs, request, wait_until
 
 from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.cli import main as cli_main
 from pipelines.push import copy_version
 from serving.server import start_server
-from test_serving import TOLERANCE, expected, images, outputs, request, wait_until
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -230,7 +230,7 @@ def test_message_cap_is_tf_servings_int32_max_unless_set(exports, tmp_path):
         channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 64 << 20)])
         try:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            got, message = rpc_error(lambda: stub.Predict(
+            got, message = rpc_error(lambda: stub.Predict(  # noqa: B023 (called at once)
                 request(inputs={"image_bytes": tf.make_tensor_proto([junk], tf.string)}, model="m"), timeout=60))
             assert got == code, message
             if cap is None:  # reached the graph: TF Serving's answer to junk bytes

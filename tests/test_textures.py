@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,7 +16,7 @@ from pipelines.textures import texture_example, write_texture_dataset
 
 def digest(root):
     files = sorted(glob.glob(os.path.join(root, "**", "*.png"), recursive=True))
-    return hashlib.sha256(b"".join(open(f, "rb").read() for f in files)).hexdigest(), len(files)
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest(), len(files)
 
 
 def test_layout_masks_and_class_order(tmp_path):
@@ -39,7 +40,7 @@ def test_layout_masks_and_class_order(tmp_path):
                 else:
                     assert 0.02 < np.mean(mask > 0) < 0.9
     assert len(set(stems)) == len(stems) == len(os.listdir(os.path.join(root, "masks")))
-    assert json.load(open(os.path.join(root, "dataset.json")))["class_names"] == ["plain", "inlay"]
+    assert json.loads(Path(os.path.join(root, "dataset.json")).read_text())["class_names"] == ["plain", "inlay"]
     dataset = load_folder_dataset(root)
     assert dataset.class_names == ("plain", "inlay")  # class 1 = inlay
     assert set(dataset.splits) == {"train", "val", "test"}

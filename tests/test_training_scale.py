@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -210,10 +211,10 @@ def test_train_logs_scalars_heatmaps_hparams_and_resumes(textures, tmp_path):
         os.chdir(cwd)
     # A run saved before normalization and border patches existed resumes with the flags that
     # reproduce how it was trained, and is refused (naming them) without.
-    stored = json.load(open(os.path.join(out, "train_config.json")))
+    stored = json.loads(Path(os.path.join(out, "train_config.json")).read_text())
     for key in ("normalize", "border_patches", "stop_at_perfect_accuracy"):
         del stored[key]
-    open(os.path.join(out, "train_config.json"), "w").write(json.dumps(stored))
+    Path(os.path.join(out, "train_config.json")).write_text(json.dumps(stored))
     with pytest.raises(PatchNetError, match="border_patches, normalize, stop_at_perfect_accuracy"):
         train({**config, "epochs": 5})
 
@@ -232,7 +233,7 @@ def test_sweep_writes_the_table_and_hparams(textures, tmp_path):
     assert [row["model"] for row in table] == ["PatchNet-5", "PatchNet-9"]
     for row in table:
         assert 0 <= float(row["val_accuracy"]) <= 1 and float(row["seconds_per_epoch"]) > 0
-    markdown = open(os.path.join(out, "sweep.md")).read()
+    markdown = Path(os.path.join(out, "sweep.md")).read_text()
     assert "| PatchNet-9 |" in markdown and "Validation Loss" in markdown
-    assert json.load(open(os.path.join(out, "patchnet-5", "train_config.json")))["patch_size"] == 5
+    assert json.loads(Path(os.path.join(out, "patchnet-5", "train_config.json")).read_text())["patch_size"] == 5
     assert glob.glob(os.path.join(out, "events.*"))  # the HParams experiment config

@@ -11,7 +11,7 @@ and the tests train, and what we recommend for `patchnet train` on a CPU:
 Why these values: overlapping training patches (`stride=3`), which a valid
 subnet computes fully convolutionally at about the cost of disjoint ones,
 changed the mask AUROC more than any other setting we measured, most on
-sparse evidence (docs/comparison.md has the ablation and its cost: a too
+sparse evidence (docs/results/comparison.md has the ablation and its cost: a too
 bright outer ring of one or two pixels; stride 1 makes it worse). No
 TensorFlow here: command-line flags read these values before TensorFlow is
 imported.

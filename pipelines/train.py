@@ -513,7 +513,7 @@ def fit_normalization(preprocessing, split, seed, max_images=512):
     """`preprocessing` with the per-channel mean and std of (a seeded sample of) the training split.
 
     Standardized inputs are what lets PatchNet leave the ln 2 plateau early
-    on grey photographs (docs/training.md, "Input normalization"). 512 images pin the
+    on grey photographs (docs/results/training.md, "Input normalization"). 512 images pin the
     statistics to about 1 % and bound the cost on a large dataset.
     """
     if len(split) > max_images:

@@ -28,7 +28,7 @@ from serving.loader import LoadedModel
 # `patchnet compare`'s CPU-sized PatchNet on the bundled grey data, with `patchnet train`'s stopping,
 # normalization and border defaults, on disjoint training patches: the setting whose border behaviour
 # these tests pin down. (compare's overlapping default leaves a brighter outer ring of 1-2 pixels,
-# border band 61 % against 85 % inside on this data: docs/comparison.md.)
+# border band 61 % against 85 % inside on this data: docs/results/comparison.md.)
 SMALL = dict(CPU, stride=None, image_size=(64, 64), heatmap_every=0)
 
 

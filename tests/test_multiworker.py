@@ -67,7 +67,7 @@ def column(rows, name):
 
 def test_two_workers_train_like_one_and_only_the_chief_writes_the_run(textures, tmp_path, launch):
     """Tolerances: 10x the largest differences `python -m bench.multiworker [--count 16]` measured
-    (docs/training.md): losses per epoch 5e-5 (seen: 4.8e-6), weights 3e-3 (seen: 2.9e-4; Adam
+    (docs/results/training.md): losses per epoch 5e-5 (seen: 4.8e-6), weights 3e-3 (seen: 2.9e-4; Adam
     divides by the gradient's running RMS, so a weight whose gradient is near zero can move by
     a fraction of the learning rate on the all-reduce's rounding alone). Augmentation, which
     draws per replica, would differ by 3e-3 to 1e-2 in loss and 2e-2 to 4e-2 in weights."""

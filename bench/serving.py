@@ -3,22 +3,25 @@
     python -m bench.serving            # the paper's subnet (p = 21, 7 x 64 convs), 128 x 128 PNGs
     python -m bench.serving --quick    # a small subnet and 64 x 64 PNGs; about a minute
 
-The default run takes about 5 minutes of CPU time on 2 cores (11 minutes
-wall on a machine shared with four other jobs).
+The default run takes about 40 minutes; `--clients 16` about 15.
 
 One image per request. For each signature and 1, 4 and 16 concurrent
 clients, five paths call the same exported SavedModel: in-process
 (`serving.loader.LoadedModel.run` from as many threads, the reference),
 and the local server over gRPC and over REST, once without batching and
 once with `--enable_batching` and `serving/batching.config` (up to 16
-images per session run, 5 ms window, 2 batch threads). Each client opens its
-own channel or keep-alive HTTP connection and sends requests back to back
-for `--seconds` per block; blocks of the five paths are interleaved so load
+images per session run, no batching window, 2 batch threads). Each client opens its
+own channel or keep-alive HTTP connection and sends requests back to back;
+each block measures `--seconds` of steady state (after every client has
+had its first answer); blocks of the five paths are interleaved so load
 changes on the shared machine hit all of them. Reports p50 / p99 latency,
 requests/s, and each path's ratios to in-process in the same cell, each batching path's requests/s
 against the same transport unbatched, and this process's CPU time per request (servers and clients
 run in it): on a machine shared with other jobs, requests/s follows how many threads a path keeps
-runnable, CPU time does not. `--clients 16` measures one column. Writes
+runnable, CPU time does not. `--clients 16` measures one column.
+
+A second table is the ceiling of what batching can save: CPU time per image
+of one in-process `classify` run of B images, for B = 1 to 16. Writes
 bench/results/serving[_quick].json.
 """
 
@@ -99,59 +102,83 @@ def rest_client(port, data, signature):
     return call, connection.close
 
 
-def run_block(make_client, clients, seconds, minimum):
-    """Latencies (s), requests/s and CPU seconds of this process per request of `clients` threads calling
-    back to back for `seconds` (and at least `minimum` requests in all)."""
-    latencies, lock = [], threading.Lock()
-    done = [0]
-    start_time = [0.0]
-    # The clock starts as the barrier opens, before any client can look at it (set after the wait, a fast
-    # client saw 0.0, stopped at once and made the block's rate absurd).
-    ready = threading.Barrier(clients + 1, action=lambda: start_time.__setitem__(0, time.perf_counter()))
+def run_block(make_client, clients, seconds):
+    """Steady-state latencies (s), requests/s and CPU seconds of this process per request, of `clients`
+    threads calling back to back.
+
+    The window opens once every client has had an answer (the start-up wave is over) and lasts `seconds`;
+    requests/s counts the answers inside it, CPU time is read at its two ends, latencies are those of the
+    requests that started and ended inside it. Counting from the first call to the last answer instead
+    measured the ramp and the drain: with 16 clients and answers a second apart, a short block is mostly
+    both, and batching's last, part-filled batch weighed as much as the steady state."""
+    answers, lock = [], threading.Lock()  # (began, ended) of every call
+    answered = threading.Barrier(clients + 1)  # every client has its first answer: the window opens
+    window = {}
+    stop = threading.Event()
 
     def client():
         call, close = make_client()
         try:
             call()  # this connection's first call (channel setup) is not measured
-        except BaseException:
-            ready.abort()  # the others must not wait for this client forever
-            raise
-        ready.wait()
-        try:
-            while True:
-                with lock:
-                    if time.perf_counter() - start_time[0] >= seconds and done[0] >= minimum:
-                        return
-                    done[0] += 1
-                begin = time.perf_counter()
+            first = True
+            while not stop.is_set():
+                began = time.perf_counter()
                 call()
-                elapsed = time.perf_counter() - begin
+                ended = time.perf_counter()
                 with lock:
-                    latencies.append(elapsed)
+                    answers.append((began, ended))
+                if first:
+                    first = False
+                    answered.wait()
+        except BaseException:
+            answered.abort()  # the others must not wait for this client forever
+            stop.set()
+            raise
         finally:
             close()
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client) for _ in range(clients)]
         try:
-            ready.wait()
+            answered.wait()
         except threading.BrokenBarrierError:
             for future in futures:
                 future.result()  # raises the client's error
             raise
-        cpu_start = time.process_time()
+        window["start"], cpu_start = time.perf_counter(), time.process_time()
+        time.sleep(seconds)
+        window["end"], cpu = time.perf_counter(), time.process_time() - cpu_start
+        stop.set()
         for future in futures:
             future.result()
-        wall = time.perf_counter() - start_time[0]
-        cpu = time.process_time() - cpu_start
-    return latencies, len(latencies) / wall, cpu / max(len(latencies), 1)
+    inside = [ended - began for began, ended in answers if window["start"] <= ended < window["end"]]
+    latencies = [ended - began for began, ended in answers
+                 if began >= window["start"] and ended < window["end"]]
+    return latencies, len(inside) / seconds, cpu / max(len(inside), 1)
+
+
+def cpu_per_image_by_batch(model, data, sizes=(1, 2, 4, 8, 16), images=48):
+    """CPU ms per image of one `classify` run of B images, one run at a time: the most a merged run can save."""
+    rows = []
+    for size in sizes:
+        feed = {"image_bytes": np.array([data] * size, dtype=object)}
+        model.run("classify", feed)
+        runs = max(2, images // size)
+        start = time.process_time()
+        for _ in range(runs):
+            model.run("classify", feed)
+        rows.append({"batch": size, "cpu_ms_per_image": (time.process_time() - start) / (runs * size) * 1e3})
+    for row in rows:
+        row["vs_batch_1"] = rows[0]["cpu_ms_per_image"] / row["cpu_ms_per_image"]
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subnet and images; about a minute and a half")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="seconds per block (default 1.2, quick 0.6)")
+                        help="seconds measured per block, after the start-up wave (default: classify 8, "
+                        "heatmap 20; quick: 3 and 6)")
     parser.add_argument("--blocks", type=int, default=2, help="interleaved blocks per path and cell")
     parser.add_argument("--clients", default=",".join(map(str, CLIENTS)),
                         help="concurrent clients per cell, comma-separated (default 1,4,16)")
@@ -159,7 +186,7 @@ def main():
     quick = args.quick
     client_counts = [int(count) for count in args.clients.split(",")]
     size, filters, layers, stride = (64, 16, 3, 4) if quick else (128, 64, 7, 7)
-    seconds = args.seconds or (0.6 if quick else 1.2)
+    seconds = {"classify": args.seconds or (3 if quick else 8), "heatmap": args.seconds or (6 if quick else 20)}
     keras.utils.set_random_seed(0)
     model = build_patchnet(21, filters=filters, conv_layers=layers)
     preprocessing = Preprocessing(image_size=(size, size))
@@ -198,7 +225,7 @@ def main():
                 stats_before = servers["batching"].batcher.stats()
                 for _ in range(args.blocks):
                     for path in PATHS:
-                        latency, rate, cpu = run_block(factories[path](signature), clients, seconds, minimum=clients)
+                        latency, rate, cpu = run_block(factories[path](signature), clients, seconds[signature])
                         measured[path]["latency"] += latency
                         measured[path]["rates"].append(rate)
                         measured[path]["cpu"].append(cpu)
@@ -208,6 +235,7 @@ def main():
                     (stats_after["requests"] - stats_before["requests"]) / batches if batches else 0.0)
                 cells[(signature, clients)] = measured
                 print(f"  {signature}, {clients} clients: done", flush=True)
+        batch_costs = cpu_per_image_by_batch(local, data)
         local.close()
     finally:
         for server in servers.values():
@@ -233,7 +261,8 @@ def main():
             })
     print_table(
         f"bench.serving ({'quick' if quick else 'default'}): 1 PNG of {size}x{size} per request, subnet p=21 "
-        f"{layers}x{filters}, heatmap stride {stride}; {args.blocks} interleaved blocks of {seconds:g} s per path; "
+        f"{layers}x{filters}, heatmap stride {stride}; {args.blocks} interleaved blocks per path of "
+        f"{seconds['classify']:g} s (classify) and {seconds['heatmap']:g} s (heatmap) after the start-up wave; "
         f"batching: {BATCHING_CONFIG}",
         rows,
         [("signature", "signature"), ("clients", "clients"), ("path", "path"), ("requests", "requests"),
@@ -242,11 +271,13 @@ def main():
          ("requests_per_batch", "requests per batch"), ("rps_vs_unbatched", "req/s / unbatched"),
          ("cpu_ms_per_request", "CPU ms / request")],
     )
+    print_table("classify, one in-process run of B images at a time: CPU per image", batch_costs,
+                [("batch", "B"), ("cpu_ms_per_image", "CPU ms / image"), ("vs_batch_1", "batch 1 / this")])
     write_json("serving_quick" if quick else "serving", {
         "environment": environment(), "quick": quick, "image_size": size, "filters": filters,
         "conv_layers": layers, "heatmap_stride": stride, "seconds_per_block": seconds, "blocks": args.blocks,
         "batching": batching.__dict__ | {"allowed_batch_sizes": list(batching.allowed_batch_sizes)},
-        "rows": rows,
+        "rows": rows, "cpu_per_image_by_batch": batch_costs,
     })
 
 

@@ -48,7 +48,7 @@ def predict(stub, data, signature="classify"):
 def test_the_shipped_batching_config_parses_as_batching_parameters(tmp_path):
     options = read_batching_parameters(CONFIG)
     assert (options.max_batch_size, options.batch_timeout_micros, options.max_enqueued_batches,
-            options.num_batch_threads) == (16, 5000, 100, 2)
+            options.num_batch_threads) == (16, 0, 100, 2)
     bad = tmp_path / "bad.config"
     for text, message in (("max_batch_size { value: 16 }\nmax_batch_sise { value: 2 }", "max_batch_sise"),
                           ("max_batch_size { value: 0 }", "max_batch_size must be at least 1"),

@@ -5,7 +5,7 @@
     python3 dev.py test        the linter (ruff), then the test suite
     python3 dev.py patchnet …  any `patchnet` command
     python3 dev.py bench NAME  a benchmark in bench/ (bulk, heatmap, memory, multiworker, pipeline,
-                              rest_servers, serving, serving_restart, train)
+                              precision, rest_servers, serving, serving_restart, train)
 
 Needs only Python 3.11. The environment is rebuilt when requirements.txt or
 pyproject.toml change.

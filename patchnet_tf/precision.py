@@ -1,0 +1,98 @@
+"""Compute precision: float32, or bfloat16 where the CPU computes it natively.
+
+CPUs with AMX or AVX512-BF16 run bfloat16 convolutions several times faster
+than float32 (a 7 x 64 subnet's forward pass 4x, its training step 3.6x);
+on a CPU without them TensorFlow emulates bfloat16, slower than float32.
+Small subnets gain nothing either way (3 x 16: 1.04x), because their cost
+is not in the convolutions. `auto` therefore picks bfloat16 only where both
+hold: the instructions are there (read from the CPU flags, not assumed) and
+the subnet is wide. `python3 dev.py bench precision` measures both on the
+machine at hand.
+"""
+
+from __future__ import annotations
+
+import keras
+
+# /proc/cpuinfo flags of the instructions that compute bfloat16 natively.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Subnets with at least this many filters per conv layer gain from bfloat16.
+WIDE_SUBNET_FILTERS = 32
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_bfloat16_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The bfloat16 instructions this CPU reports (empty where there are none or no /proc/cpuinfo).
+
+    Args:
+        cpuinfo: the file listing the CPU flags.
+
+    Returns:
+        The subset of `BFLOAT16_CPU_FLAGS` present.
+    """
+    try:
+        with open(cpuinfo) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return frozenset(BFLOAT16_CPU_FLAGS).intersection(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def subnet_filters(model: keras.Model) -> int:
+    """The widest convolution of the model's subnet (or of the model, for the baselines); 0 if none."""
+    try:
+        model = model.get_layer("subnet")
+    except ValueError:
+        pass
+    widths = [layer.filters for layer in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.Conv2D)]
+    return max(widths, default=0)
+
+
+def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[str] | None = None) -> str:
+    """`auto`, `float32` or `bfloat16` -> the compute dtype to use for `model` on this CPU.
+
+    Args:
+        choice: one of `PRECISIONS`.
+        model: the model that will compute.
+        cpu_flags: the CPU's bfloat16 flags (default: read from the CPU).
+
+    Returns:
+        "float32" or "bfloat16". `auto` is "bfloat16" only on a CPU with AMX or AVX512-BF16 and for a
+        subnet of at least `WIDE_SUBNET_FILTERS` filters.
+    """
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    flags = cpu_bfloat16_flags() if cpu_flags is None else cpu_flags
+    return "bfloat16" if flags and subnet_filters(model) >= WIDE_SUBNET_FILTERS else "float32"
+
+
+def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
+    """The same model computing in `compute_dtype` ("float32" or "bfloat16"), weights copied.
+
+    Variables stay float32 (Keras's mixed policy); outputs are cast back to float32 by the caller
+    where it needs them. Returns `model` itself when it already computes so.
+    """
+    policy = "float32" if compute_dtype == "float32" else f"mixed_{compute_dtype}"
+    layers = model._flatten_layers(include_self=False, recursive=True)
+    if all(layer.dtype_policy.name == policy for layer in layers):
+        return model
+
+    def retyped(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                return {**node, "config": {**node.get("config", {}), "name": policy}}
+            return {key: retyped(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [retyped(value) for value in node]
+        if isinstance(node, str) and node.startswith("mixed_"):  # a policy by name (inputs keep their dtype)
+            return policy
+        return node
+
+    rebuilt = keras.saving.deserialize_keras_object(retyped(keras.saving.serialize_keras_object(model)))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt

@@ -1,0 +1,44 @@
+"""bfloat16 where the CPU computes it natively: detection, `auto`, and how far bfloat16 maps drift."""
+
+import numpy as np
+import pytest
+
+from patchnet_tf import build_patchnet, heatmap
+from patchnet_tf.precision import cpu_bfloat16_flags, resolve_precision, subnet_filters, with_compute_dtype
+
+AMX = frozenset({"amx_bf16"})
+
+
+def test_the_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert cpu_bfloat16_flags(str(cpuinfo)) == {"avx512_bf16", "amx_bf16"}
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 fma avx avx2\n")
+    assert cpu_bfloat16_flags(str(cpuinfo)) == frozenset()
+    assert cpu_bfloat16_flags(str(tmp_path / "absent")) == frozenset()
+
+
+def test_auto_is_bfloat16_only_for_a_wide_subnet_on_a_cpu_with_the_instructions():
+    wide = build_patchnet(5, filters=32, conv_layers=1, padding="valid")
+    narrow = build_patchnet(5, filters=16, conv_layers=1, padding="valid")
+    assert subnet_filters(wide) == 32 and subnet_filters(narrow) == 16
+    assert resolve_precision("auto", wide, cpu_flags=AMX) == "bfloat16"
+    assert resolve_precision("auto", narrow, cpu_flags=AMX) == "float32"
+    assert resolve_precision("auto", wide, cpu_flags=frozenset()) == "float32"  # instructions absent
+    assert resolve_precision("bfloat16", narrow, cpu_flags=frozenset()) == "bfloat16"  # asked for: given
+    with pytest.raises(ValueError, match="float16"):
+        resolve_precision("float16", wide)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_bfloat16_maps_stay_close_to_float32_maps(padding):
+    model = build_patchnet(7, filters=16, conv_layers=2, padding=padding)
+    images = np.random.default_rng(3).random((2, 24, 28, 3), dtype=np.float32)
+    as_bfloat16 = with_compute_dtype(model, "bfloat16")
+    assert as_bfloat16.get_layer("subnet").layers[1].compute_dtype == "bfloat16"
+    float32_maps, bfloat16_maps = heatmap(model, images), heatmap(as_bfloat16, images)
+    assert bfloat16_maps.dtype == np.float32
+    difference = np.abs(bfloat16_maps - float32_maps)
+    assert 0 < difference.max() < 0.02 and difference.mean() < 0.005  # bfloat16 keeps 8 bits of mantissa
+    # Back to float32: the very same numbers (the weights were copied, never rounded).
+    np.testing.assert_array_equal(heatmap(with_compute_dtype(as_bfloat16, "float32"), images), float32_maps)

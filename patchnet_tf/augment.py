@@ -121,7 +121,9 @@ class AugmentedModel(keras.Model):
         return tf.cast(self.inference_model(images, training=training), tf.float32)
 
     def _step_seed(self):
-        step = tf.cast(self.optimizer.iterations, tf.int64) if self.optimizer else tf.constant(0, tf.int64)
+        # Keras sets `optimizer` in compile(): a custom loop may call an uncompiled model with training=True.
+        optimizer = getattr(self, "optimizer", None)
+        step = tf.cast(optimizer.iterations, tf.int64) if optimizer else tf.constant(0, tf.int64)
         replica = tf.distribute.get_replica_context()
         replica_id = replica.replica_id_in_sync_group if replica is not None else 0
         # replica_id_in_sync_group counts over all workers under multi-worker training.

@@ -3,13 +3,28 @@
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
+
+import numpy as np
 
 from patchnet_tf.errors import PatchNetError
 
 
-def check_output_path(path, flag, *, folder=True):
-    """Refuses, before any work, an output path that cannot be written: `path` (a folder, or with
-    folder=False a file) or a parent of it that exists as the other kind."""
+def check_output_path(path: str, flag: str, *, folder: bool = True) -> None:
+    """Refuses, before any work, an output path that cannot be written.
+
+    That is `path` (a folder, or with folder=False a file) or a parent of it
+    that exists as the other kind: PatchNetError naming the path and `flag`
+    (the command-line flag that gave it).
+
+    Example:
+
+    >>> with tempfile.NamedTemporaryFile() as file:
+    ...     check_output_path(file.name, "--out")
+    Traceback (most recent call last):
+    ...
+    patchnet_tf.errors.PatchNetError: /...: exists and is not a folder (--out)
+    """
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise PatchNetError(f"{path}: exists and is {'not ' if folder else ''}a folder ({flag})")
     parent = os.path.dirname(os.path.abspath(path))
@@ -20,8 +35,23 @@ def check_output_path(path, flag, *, folder=True):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path beside `path`; renames it over `path` on success."""
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`; renames it over `path` on success.
+
+    The temporary file has the same extension (Keras checks ".weights.h5")
+    and is fsynced before the rename; an exception removes it and leaves
+    `path` as it was. Missing parent folders are created.
+
+    Example:
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "model.keras")
+    ...     with atomic_path(path) as temporary:
+    ...         os.path.basename(temporary).startswith(".tmp-"), temporary.endswith(".keras")
+    ...     sorted(os.listdir(folder))
+    (True, True)
+    ['model.keras']
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     name = os.path.basename(path)
@@ -39,8 +69,18 @@ def atomic_path(path):
             os.remove(temporary)
 
 
-def remove_stale_temporaries(directory):
-    """Deletes the temporary files that writes killed with -9 left in `directory` (not below it)."""
+def remove_stale_temporaries(directory: str) -> None:
+    """Deletes the temporary files that writes killed with -9 left in `directory` (not below it).
+
+    Example:
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     for name in (".tmp-abc.keras", "model.keras"):
+    ...         open(os.path.join(folder, name), "w").close()
+    ...     remove_stale_temporaries(folder)
+    ...     os.listdir(folder)
+    ['model.keras']
+    """
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
@@ -49,8 +89,16 @@ def remove_stale_temporaries(directory):
             os.remove(path)
 
 
-def write_png(path, pixels):
-    """uint8 (H, W) or BGR (H, W, 3) pixels -> a PNG at `path`, written atomically."""
+def write_png(path: str, pixels: np.ndarray) -> None:
+    """uint8 (H, W) or BGR (H, W, 3) pixels -> a PNG at `path`, written atomically.
+
+    Example:
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_png(os.path.join(folder, "map.png"), np.zeros((4, 6), np.uint8))
+    ...     os.listdir(folder)
+    ['map.png']
+    """
     import cv2  # here, not above: the command line imports this module before it needs OpenCV
 
     with atomic_path(path) as temporary:
@@ -58,12 +106,23 @@ def write_png(path, pixels):
             raise OSError(f"{path}: could not write")
 
 
-def atomic_write_text(path, text):
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically (`atomic_path`).
+
+    Example:
+
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     atomic_write_text(os.path.join(folder, "notes.txt"), "done")
+    ...     with open(os.path.join(folder, "notes.txt")) as file:
+    ...         file.read()
+    'done'
+    """
     with atomic_path(path) as temporary, open(temporary, "w") as file:
         file.write(text)
 
 
-def fsync(path):
+def fsync(path: str) -> None:
+    """Flushes a file, or a folder's entries, to disk (a rename is durable once its folder is)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -86,11 +86,26 @@ def _probability(logit):
     return keras.layers.Activation(activation, dtype="float32", name=PROBABILITY)(logit)
 
 
-def build_cam(input_shape, *, width=64, classes=1):
+def build_cam(input_shape: tuple[int, int, int], *, width: int = 64, classes: int = 1) -> keras.Model:
     """CAM: VGG-19 conv layout with 3 poolings, global average pooling, linear head.
 
     (B, H, W, C) images in [0, 1] -> (B, 1) probability of class 1. The class-1
     map lives at 1/8 of the input resolution.
+
+    Args:
+        input_shape: (height, width, channels); height and width divisible by 8.
+        width: filters of the first conv block (the paper: 64); the last
+            blocks have 8 times as many.
+        classes: 1 for the binary model (sigmoid), K > 1 for a softmax over K.
+
+    Returns:
+        An uncompiled functional model named "cam".
+
+    Example:
+
+    >>> model = build_cam((32, 32, 3), width=2)
+    >>> model.output_shape, model.get_layer("cam_features").output.shape  # the map at 1/8 of the input
+    ((None, 1), (None, 4, 4, 16))
     """
     _check_input_shape(input_shape, "cam")
     images = keras.Input(tuple(input_shape), name="image")
@@ -100,11 +115,34 @@ def build_cam(input_shape, *, width=64, classes=1):
     return keras.Model(images, _probability(logit), name="cam")
 
 
-def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropout=0.5, classes=1):
+def build_vgg11(
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    *,
+    width: int = 64,
+    dense_units: int | None = None,
+    dropout: float = 0.5,
+    classes: int = 1,
+) -> keras.Model:
     """VGG-11 (configuration A) for Grad-CAM: 8 convs, 5 poolings, dense head.
 
     `dense_units` defaults to 64 * width (the paper's 4096 at width 64). The
     paper runs it at 224 x 224; any size divisible by 32 works.
+
+    Args:
+        input_shape: (height, width, channels); height and width divisible by 32.
+        width: filters of the first conv block (the paper: 64).
+        dense_units: units of each of the two hidden dense layers.
+        dropout: dropout rate after each hidden dense layer.
+        classes: 1 for the binary model (sigmoid), K > 1 for a softmax over K.
+
+    Returns:
+        An uncompiled functional model named "vgg11".
+
+    Example:
+
+    >>> model = build_vgg11((32, 32, 3), width=2, dense_units=8, classes=3)
+    >>> model.output_shape, model.get_layer("gradcam_features").output.shape
+    ((None, 3), (None, 2, 2, 16))
     """
     _check_input_shape(input_shape, "vgg11")
     dense_units = dense_units or 64 * width
@@ -119,11 +157,22 @@ def build_vgg11(input_shape=(224, 224, 3), *, width=64, dense_units=None, dropou
     return keras.Model(images, _probability(logit), name="vgg11")
 
 
-def build(arch, input_shape, *, width=None, **kwargs):
+def build(arch: str, input_shape: tuple[int, int, int], *, width: int | None = None, **kwargs) -> keras.Model:
     """`patchnet train --arch cam|vgg11`: the baseline model, uncompiled.
 
     `width` is the first block's filter count (the paper: 64); None means
     DEMO_WIDTH.
+
+    Args:
+        arch: "cam" or "vgg11" (`ARCHS`); PatchNetError for another.
+        input_shape: (height, width, channels).
+        width: the first conv block's filters; None for DEMO_WIDTH (16).
+        **kwargs: passed to `build_cam` or `build_vgg11` (classes, ...).
+
+    Example:
+
+    >>> build("cam", (16, 16, 3)).name, build("vgg11", (32, 32, 3), width=2).name
+    ('cam', 'vgg11')
     """
     width = DEMO_WIDTH if width is None else int(width)
     if arch == "cam":
@@ -137,8 +186,17 @@ def build(arch, input_shape, *, width=None, **kwargs):
 SIZE_MULTIPLE = {"cam": 8, "vgg11": 32}
 
 
-def check_image_size(arch, image_size):
-    """Refuses an image size the baseline's poolings cannot halve evenly (before any work starts)."""
+def check_image_size(arch: str, image_size: tuple[int, int]) -> None:
+    """Refuses an image size the baseline's poolings cannot halve evenly (before any work starts).
+
+    Example:
+
+    >>> check_image_size("cam", (64, 48))
+    >>> check_image_size("vgg11", (64, 48))
+    Traceback (most recent call last):
+    ...
+    patchnet_tf.errors.PatchNetError: vgg11: image size 64x48 must be divisible by 32 (its poolings halve it 5 times)
+    """
     multiple = SIZE_MULTIPLE[arch]
     height, width = image_size
     if height % multiple or width % multiple:
@@ -158,8 +216,17 @@ def _layer_names(model):
     return {layer.name for layer in model.layers}
 
 
-def arch_of(model):
-    """'patchnet', 'cam' or 'vgg11', from the model's layer names."""
+def arch_of(model: keras.Model) -> str:
+    """'patchnet', 'cam' or 'vgg11', from the model's layer names.
+
+    Raises PatchNetError for a model built otherwise.
+
+    Example:
+
+    >>> from patchnet_tf.model import build_patchnet
+    >>> arch_of(build("cam", (16, 16, 3), width=2)), arch_of(build_patchnet(5, filters=2, conv_layers=1))
+    ('cam', 'patchnet')
+    """
     names = _layer_names(model)
     if CAM_FEATURES in names and CAM_HEAD in names:
         return "cam"
@@ -189,9 +256,17 @@ def _upsample(maps, size):
     return tf.image.resize(maps[..., None], size, method="bilinear")[..., 0]
 
 
-def cam_logit_map(model, images):
-    """(B, H, W) float32: head bias + head-weighted sum of the last conv maps, upsampled;
-    (B, H, W, K), one logit map per class, for a K-class model."""
+def cam_logit_map(model: keras.Model, images: np.ndarray | tf.Tensor) -> np.ndarray:
+    """(B, H, W) float32: head bias + head-weighted sum of the last conv maps, upsampled.
+
+    (B, H, W, K), one logit map per class, for a K-class model. `images` is
+    (B, H, W, C) or one (H, W, C) image, at the model's input size.
+
+    Example:
+
+    >>> cam_logit_map(build("cam", (16, 16, 3), width=2, classes=3), np.zeros((16, 16, 3), "float32")).shape
+    (1, 16, 16, 3)
+    """
     images = _as_batch(model, images)
     features_model = keras.Model(model.input, model.get_layer(CAM_FEATURES).output)
     kernel, bias = model.get_layer(CAM_HEAD).get_weights()
@@ -201,18 +276,33 @@ def cam_logit_map(model, images):
     return logits[..., 0] if logits.shape[-1] == 1 else logits
 
 
-def cam_heatmap(model, images):
-    """(B, H, W) in [0, 1]: sigmoid of `cam_logit_map` (see the module docstring);
-    (B, H, W, K), the per-pixel softmax, for a K-class model."""
+def cam_heatmap(model: keras.Model, images: np.ndarray | tf.Tensor) -> np.ndarray:
+    """(B, H, W) in [0, 1]: sigmoid of `cam_logit_map` (see the module docstring).
+
+    (B, H, W, K), the per-pixel softmax, for a K-class model.
+
+    Example:
+
+    >>> cam_heatmap(build("cam", (16, 16, 3), width=2), np.zeros((2, 16, 16, 3), "float32")).shape
+    (2, 16, 16)
+    """
     logits = cam_logit_map(model, images)
     if model.get_layer(CAM_HEAD).units == 1:
         return tf.sigmoid(logits).numpy()
     return tf.nn.softmax(logits, axis=-1).numpy()
 
 
-def gradcam_heatmap(model, images):
-    """(B, H, W) in [0, 1]: Grad-CAM of the class-1 logit at the last conv layer;
-    (B, H, W, K), Grad-CAM of each class's logit, for a K-class model."""
+def gradcam_heatmap(model: keras.Model, images: np.ndarray | tf.Tensor) -> np.ndarray:
+    """(B, H, W) in [0, 1]: Grad-CAM of the class-1 logit at the last conv layer.
+
+    (B, H, W, K), Grad-CAM of each class's logit, for a K-class model.
+
+    Example:
+
+    >>> model = build("vgg11", (32, 32, 3), width=2, dense_units=4)
+    >>> gradcam_heatmap(model, np.zeros((1, 32, 32, 3), "float32")).shape
+    (1, 32, 32)
+    """
     images = _as_batch(model, images)
     gradient_model = keras.Model(
         model.input, [model.get_layer(GRADCAM_FEATURES).output, model.get_layer(LOGIT).output]
@@ -238,9 +328,19 @@ def _gradcam_of(gradient_model, images, klass):
     return tf.math.divide_no_nan(maps, peak).numpy()
 
 
-def heatmap(model, images, *, batch_size=32):
-    """(B, H, W) float32 in [0, 1], white = class 1, for a CAM or VGG-11 model;
-    (B, H, W, K), one map per class, for a K-class one."""
+def heatmap(model: keras.Model, images: np.ndarray | tf.Tensor, *, batch_size: int = 32) -> np.ndarray:
+    """(B, H, W) float32 in [0, 1], white = class 1, for a CAM or VGG-11 model.
+
+    (B, H, W, K), one map per class, for a K-class one. Computed
+    `batch_size` images at a time. A PatchNet model is refused
+    (PatchNetError): `patchnet_tf.heatmap` or `patchnet_tf.explain.explain`.
+
+    Example:
+
+    >>> maps = heatmap(build("cam", (16, 16, 3), width=2), np.zeros((3, 16, 16, 3), "float32"), batch_size=2)
+    >>> maps.shape, maps.dtype.name
+    ((3, 16, 16), 'float32')
+    """
     arch = arch_of(model)
     if arch == "patchnet":
         raise PatchNetError("a PatchNet model: use patchnet_tf.heatmap (or patchnet_tf.explain.explain)")

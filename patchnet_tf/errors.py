@@ -6,9 +6,18 @@ class PatchNetError(Exception):
 
     The message names the input and says what was expected; `patchnet` prints
     it as one line and exits with `exit_status` instead of showing a traceback.
+
+    Example:
+
+    >>> from patchnet_tf import build_patchnet
+    >>> try:
+    ...     build_patchnet(5, classes=0)
+    ... except PatchNetError as error:
+    ...     print(error.exit_status, error)
+    2 classes must be 1 (binary, sigmoid) or K > 1 (softmax), got 0
     """
 
-    exit_status = 2
+    exit_status: int = 2
 
 
 class WorkerLost(PatchNetError):
@@ -18,7 +27,7 @@ class WorkerLost(PatchNetError):
     cluster scheduler restart the workers, which resumes the run.
     """
 
-    exit_status = 75
+    exit_status: int = 75
 
 
 class MissingSplit(PatchNetError):

@@ -18,6 +18,8 @@ patches there hang over the border, so a map can be worse there than inside.
 An average over no images is NaN (reported as "n/a"), never a made-up 0.
 """
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -25,8 +27,21 @@ from sklearn.metrics import roc_auc_score
 from patchnet_tf.errors import PatchNetError
 
 
-def image_mask_metrics(heat, mask, *, threshold=0.5):
-    """(exact match, recall or NaN, AUROC or NaN) of one (H, W) heatmap against its mask."""
+def image_mask_metrics(heat: np.ndarray, mask: np.ndarray, *, threshold: float = 0.5) -> tuple[float, float, float]:
+    """(exact match, recall or NaN, AUROC or NaN) of one (H, W) heatmap against its mask.
+
+    Args:
+        heat: (H, W) heatmap, class 1 = high.
+        mask: (H, W) expert mask, nonzero = class-1 feature.
+        threshold: heat above it marks a pixel as class 1.
+
+    Example:
+
+    >>> heat = np.array([[0.9, 0.2], [0.6, 0.1]])
+    >>> mask = np.array([[1, 0], [0, 0]])
+    >>> image_mask_metrics(heat, mask)  # 3 of 4 pixels agree; the masked one is marked and ranks first
+    (0.75, 1.0, 1.0)
+    """
     heat = np.asarray(heat, np.float64)
     mask = np.asarray(mask) > 0
     if heat.shape != mask.shape or heat.ndim != 2:
@@ -39,17 +54,52 @@ def image_mask_metrics(heat, mask, *, threshold=0.5):
     return exact_match, recall, auroc
 
 
-def border_band(shape, width):
-    """bool (H, W): True within `width` pixels of the image border."""
+def border_band(shape: tuple[int, int], width: int) -> np.ndarray:
+    """bool (H, W): True within `width` pixels of the image border.
+
+    Example:
+
+    >>> border_band((4, 5), 1).astype(int)
+    array([[1, 1, 1, 1, 1],
+           [1, 0, 0, 0, 1],
+           [1, 0, 0, 0, 1],
+           [1, 1, 1, 1, 1]])
+    """
     band = np.ones(shape, bool)
     band[width : shape[0] - width, width : shape[1] - width] = False
     return band
 
 
-def mask_metrics(heatmaps, masks, *, threshold=0.5, border=None):
-    """Averages over images: a dict with exact_match, recall, auroc (NaN when undefined)
-    and the number of images each was averaged over (images, recall_images, auroc_images);
-    with `border` also exact_match_border and exact_match_interior (module docstring)."""
+def mask_metrics(
+    heatmaps: Sequence[np.ndarray] | np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    *,
+    threshold: float = 0.5,
+    border: int | None = None,
+) -> dict[str, float | int]:
+    """Averages of `image_mask_metrics` over images, each over the images it is defined for.
+
+    Args:
+        heatmaps: (H, W) heatmaps, one per image.
+        masks: their (H, W) masks, in the same order (PatchNetError if the
+            counts differ).
+        threshold: heat above it marks a pixel as class 1.
+        border: also report exact match apart for the band of this many
+            pixels along the border and for the interior.
+
+    Returns:
+        A dict with threshold, exact_match, recall, auroc (NaN when
+        undefined) and the number of images each was averaged over (images,
+        recall_images, auroc_images); with `border` also border,
+        exact_match_border and exact_match_interior (module docstring).
+
+    Example:
+
+    >>> heat = np.array([[0.9, 0.2], [0.6, 0.1]])
+    >>> result = mask_metrics([heat, heat], [np.array([[1, 0], [0, 0]]), np.zeros((2, 2))])
+    >>> result["exact_match"], result["recall"], result["recall_images"]  # an empty mask has no recall
+    (0.625, 1.0, 1)
+    """
     if len(heatmaps) != len(masks):
         raise PatchNetError(f"{len(heatmaps)} heatmaps but {len(masks)} masks")
     if border is not None and len(heatmaps):
@@ -76,12 +126,25 @@ def mask_metrics(heatmaps, masks, *, threshold=0.5, border=None):
     return {**result, **border_result}
 
 
-def read_mask(path, size=None, *, image_shape=None):
+def read_mask(
+    path: str, size: tuple[int, int] | None = None, *, image_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """A binary mask PNG -> bool (H, W), white (>= 128) = class-1 feature.
 
     `image_shape` (H, W) of the image it belongs to is checked (a mask must
     have the size of its image); `size` (H, W) resizes with nearest neighbour, as the
-    image is resized to the model input.
+    image is resized to the model input. Raises PatchNetError for an
+    unreadable file or a size that differs from the image's.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "mask.png")
+    ...     _ = cv2.imwrite(path, np.array([[0, 255], [255, 255]], np.uint8))
+    ...     mask = read_mask(path, size=(4, 4), image_shape=(2, 2, 3))
+    >>> mask.shape, int(mask.sum())
+    ((4, 4), 12)
     """
     mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if mask is None:
@@ -96,23 +159,55 @@ def read_mask(path, size=None, *, image_shape=None):
     return mask >= 128
 
 
-def format_percent(value):
+def format_percent(value: float) -> str:
+    """A fraction as a percentage with one decimal; NaN (undefined) as "n/a".
+
+    Example:
+
+    >>> format_percent(0.1234), format_percent(float("nan"))
+    ('12.3%', 'n/a')
+    """
     return "n/a" if np.isnan(value) else f"{100 * value:.1f}%"
 
 
-def format_number(value, digits=3):
+def format_number(value: float, digits: int = 3) -> str:
+    """A number with `digits` decimals; NaN (undefined) as "n/a".
+
+    Example:
+
+    >>> format_number(0.98765), format_number(float("nan"))
+    ('0.988', 'n/a')
+    """
     return "n/a" if np.isnan(value) else f"{value:.{digits}f}"
 
 
-def confusion_matrix(labels, predicted, classes):
-    """(K, K) int64 counts: row = true class, column = predicted class."""
+def confusion_matrix(
+    labels: Sequence[int] | np.ndarray, predicted: Sequence[int] | np.ndarray, classes: int
+) -> np.ndarray:
+    """(K, K) int64 counts: row = true class, column = predicted class.
+
+    Example:
+
+    >>> confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2], 3)
+    array([[1, 0, 0],
+           [0, 1, 1],
+           [0, 0, 1]])
+    """
     matrix = np.zeros((classes, classes), np.int64)
     np.add.at(matrix, (np.asarray(labels, np.int64), np.asarray(predicted, np.int64)), 1)
     return matrix
 
 
-def format_confusion_matrix(matrix, class_names):
-    """The matrix as aligned text: rows true classes, columns predicted ones."""
+def format_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str]) -> str:
+    """The matrix as aligned text: rows true classes, columns predicted ones.
+
+    Example:
+
+    >>> print(format_confusion_matrix(np.array([[3, 1], [0, 4]]), ["cat", "dog"]))
+                  predicted:      cat      dog
+         cat  true              3        1
+         dog  true              0        4
+    """
     width = max(8, *(len(name) for name in class_names), len(str(int(matrix.max(initial=0)))))
     lines = [" " * width + "  predicted: " + " ".join(f"{name:>{width}}" for name in class_names)]
     for name, row in zip(class_names, matrix):
@@ -120,11 +215,17 @@ def format_confusion_matrix(matrix, class_names):
     return "\n".join(lines)
 
 
-def confusion_matrix_image(matrix, class_names, cell=64):
+def confusion_matrix_image(matrix: np.ndarray, class_names: Sequence[str], cell: int = 64) -> np.ndarray:
     """RGB uint8 picture of the matrix: each cell shaded by its row's fraction, with its count.
 
     Rows are true classes, columns predicted ones, labelled by their index
     (the names are in the title bar, in order), so long names never overlap.
+    `cell` is the side of a cell in pixels.
+
+    Example:
+
+    >>> confusion_matrix_image(np.array([[3, 1], [0, 4]]), ["cat", "dog"], cell=32).shape
+    (88, 88, 3)
     """
     classes = len(class_names)
     margin = 24

@@ -8,7 +8,10 @@ Images are float32 in [0, 1] after `decode_image`.
 import dataclasses
 import json
 import os
+from collections.abc import Iterable
+from typing import Self
 
+import numpy as np
 import tensorflow as tf
 
 from patchnet_tf.errors import PatchNetError
@@ -16,8 +19,16 @@ from patchnet_tf.errors import PatchNetError
 CONFIG_NAME = "preprocessing.json"
 
 
-def decode_image(image_bytes, channels=3):
-    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 (H, W, channels) in [0, 1]."""
+def decode_image(image_bytes: bytes | tf.Tensor, channels: int = 3) -> tf.Tensor:
+    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 (H, W, channels) in [0, 1].
+
+    Example:
+
+    >>> png = tf.io.encode_png(tf.fill((4, 6, 3), tf.constant(255, tf.uint8)))
+    >>> image = decode_image(png)
+    >>> tuple(image.shape), image.dtype.name, float(image[0, 0, 0])
+    ((4, 6, 3), 'float32', 1.0)
+    """
     image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
     return tf.image.convert_image_dtype(image, tf.float32)
 
@@ -44,7 +55,7 @@ def _jpeg_size(data):
     )
 
 
-def encoded_image_size(image_bytes):
+def encoded_image_size(image_bytes: tf.Tensor) -> tf.Tensor:
     """[B] encoded images -> int64 [B, 2] (width, height) read from each header; nothing is decoded.
 
     PNG: IHDR, bytes 16-24, big-endian (libpng refuses a file whose first chunk is not IHDR). BMP: the
@@ -53,6 +64,12 @@ def encoded_image_size(image_bytes):
     JPEG: the SOFn marker (`tf.io.extract_jpeg_shape`, the decoder's parser, so both agree).
     Another format, or a PNG, BMP or GIF header cut short, reads as 0 x 0 and is left to the decoder
     to refuse with its own message.
+
+    Example:
+
+    >>> png = tf.io.encode_png(tf.zeros((4, 6, 3), tf.uint8))
+    >>> encoded_image_size(tf.stack([png, b"not an image"])).numpy().tolist()
+    [[6, 4], [0, 0]]
     """
     padding = tf.constant(b"\0" * _HEADER_BYTES)
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(image_bytes, 0, _HEADER_BYTES), padding]),
@@ -71,22 +88,49 @@ def encoded_image_size(image_bytes):
     return size
 
 
-def resize(images, image_size):
-    """Bilinear resize to (height, width); values stay in [0, 1]."""
+def resize(images: np.ndarray | tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Bilinear resize to (height, width); values stay in [0, 1].
+
+    Antialiased, so a shrunk image does not alias. `images` is (H, W, C)
+    or (B, H, W, C).
+
+    Example:
+
+    >>> tuple(resize(np.zeros((1, 10, 20, 3), "float32"), (5, 5)).shape)
+    (1, 5, 5, 3)
+    """
     return tf.clip_by_value(tf.image.resize(images, image_size, antialias=True), 0.0, 1.0)
 
 
-def gamma_correct(images, gamma):
-    """I ** (1 / gamma): gamma 2.2 brightens dark dermoscopy images (paper section 3)."""
+def gamma_correct(images: np.ndarray | tf.Tensor, gamma: float) -> tf.Tensor:
+    """I ** (1 / gamma): gamma 2.2 brightens dark dermoscopy images (paper section 3).
+
+    Example:
+
+    >>> gamma_correct(np.array([0.25, 1.0], "float32"), 0.5).numpy()
+    array([0.0625, 1.    ], dtype=float32)
+    """
     return tf.pow(tf.maximum(images, 0.0), 1.0 / gamma)
 
 
-def shades_of_gray(images, norm=6.0, epsilon=1e-6):
+def shades_of_gray(images: np.ndarray | tf.Tensor, norm: float = 6.0, epsilon: float = 1e-6) -> tf.Tensor:
     """Shades of Gray colour constancy (Finlayson and Trezzi 2004; Barata et al. 2015).
 
     The illuminant per channel is the Minkowski p-norm mean of the pixels;
     each channel is scaled so that the illuminant becomes neutral grey with
     the same overall brightness, then clipped to [0, 1].
+
+    Args:
+        images: float (H, W, C) or (B, H, W, C) images in [0, 1]; each image
+            gets its own illuminant.
+        norm: p of the Minkowski mean (1 is grey world, infinity max-RGB).
+        epsilon: keeps a black channel from dividing by zero.
+
+    Example:
+
+    >>> reddish = np.full((1, 2, 2, 3), [0.6, 0.3, 0.3], "float32")
+    >>> shades_of_gray(reddish).numpy()[0, 0, 0].round(2)  # grey, |illuminant| / sqrt(3)
+    array([0.42, 0.42, 0.42], dtype=float32)
     """
     illuminant = tf.pow(
         tf.reduce_mean(tf.pow(tf.maximum(images, 0.0), norm), axis=[-3, -2], keepdims=True),
@@ -98,8 +142,20 @@ def shades_of_gray(images, norm=6.0, epsilon=1e-6):
     return tf.clip_by_value(images * gain, 0.0, 1.0)
 
 
-def channel_statistics(batches):
-    """Per-channel (mean, standard deviation) over every pixel of an iterable of (B, H, W, C) batches."""
+def channel_statistics(
+    batches: Iterable[np.ndarray | tf.Tensor],
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, standard deviation) over every pixel of an iterable of (B, H, W, C) batches.
+
+    Accumulated in float64 one batch at a time, so a dataset need not fit in
+    memory. A constant channel gets standard deviation 1, not 0. Raises
+    PatchNetError when there are no images.
+
+    Example:
+
+    >>> channel_statistics([np.full((2, 4, 4, 1), 0.5, "float32"), np.zeros((2, 4, 4, 1), "float32")])
+    ((0.25,), (0.25,))
+    """
     count, total, squares = 0, 0.0, 0.0
     for images in batches:
         images = tf.cast(images, tf.float64)
@@ -122,21 +178,42 @@ class Preprocessing:
     constancy; [0, 1]); `normalize` then standardizes each channel with the
     training split's `mean` and `std`, which is what the model sees. Runs
     saved before normalization existed have no statistics and skip it.
+
+    Args:
+        image_size: (height, width) of the model input.
+        channels: channels images are decoded to.
+        gamma: `gamma_correct` with this gamma; None to skip.
+        shades_of_gray_norm: `shades_of_gray` with this norm; None to skip.
+        class_names: the dataset's classes, in the model's output order.
+        mean, std: per-channel statistics of the training split
+            (`channel_statistics`); None to skip normalization.
+
+    Example:
+
+    >>> preprocessing = Preprocessing(image_size=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    >>> inputs = preprocessing(np.full((20, 30, 3), 0.75, "float32"))
+    >>> tuple(inputs.shape), round(float(inputs[0, 0, 0]), 4)
+    ((8, 8, 3), 1.0)
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     preprocessing.save(folder)
+    ...     Preprocessing.for_model(folder) == preprocessing
+    True
     """
 
-    image_size: tuple = (128, 128)
+    image_size: tuple[int, int] = (128, 128)
     channels: int = 3
     gamma: float | None = None
     shades_of_gray_norm: float | None = None
-    class_names: tuple = ("0", "1")
-    mean: tuple | None = None
-    std: tuple | None = None
+    class_names: tuple[str, ...] = ("0", "1")
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
-    def __call__(self, images):
+    def __call__(self, images: np.ndarray | tf.Tensor) -> tf.Tensor:
         """float32 [0, 1] images, (H, W, C) or (B, H, W, C), any size -> model input."""
         return self.normalize(self.prepare(images))
 
-    def prepare(self, images):
+    def prepare(self, images: np.ndarray | tf.Tensor) -> tf.Tensor:
         """float32 [0, 1] images of any size -> [0, 1] images at `image_size`, before normalization."""
         images = resize(images, self.image_size)
         if self.gamma:
@@ -145,21 +222,22 @@ class Preprocessing:
             images = shades_of_gray(images, self.shades_of_gray_norm)
         return images
 
-    def normalize(self, images):
+    def normalize(self, images: np.ndarray | tf.Tensor) -> tf.Tensor:
         """[0, 1] images -> model input (a float32 tensor)."""
         images = tf.convert_to_tensor(images, tf.float32)
         if self.mean is None:
             return images
         return (images - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
 
-    def denormalize(self, model_inputs):
+    def denormalize(self, model_inputs: np.ndarray | tf.Tensor) -> tf.Tensor:
         """Model inputs -> the [0, 1] images they came from (for display; a float32 tensor)."""
         model_inputs = tf.convert_to_tensor(model_inputs, tf.float32)
         if self.mean is None:
             return model_inputs
         return model_inputs * tf.constant(self.std, tf.float32) + tf.constant(self.mean, tf.float32)
 
-    def save(self, directory):
+    def save(self, directory: str) -> None:
+        """Writes `preprocessing.json` into `directory` (atomically), where `for_model` finds it."""
         from patchnet_tf.atomic import atomic_write_text
 
         atomic_write_text(
@@ -167,8 +245,12 @@ class Preprocessing:
         )
 
     @classmethod
-    def for_model(cls, model_path):
-        """The preprocessing saved beside a model file (or in a run folder)."""
+    def for_model(cls, model_path: str) -> Self:
+        """The preprocessing saved beside a model file (or in a run folder).
+
+        Raises PatchNetError, naming the file, when it is missing or is not
+        what `save` writes.
+        """
         directory = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
         path = os.path.join(directory, CONFIG_NAME)
         try:

@@ -3,6 +3,7 @@
 import json
 import os
 import zipfile
+from typing import Any
 
 import keras
 
@@ -13,8 +14,23 @@ MODEL_FILE = "model.keras"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
-def load_trained_model(model_path):
-    """(model, preprocessing) from a run folder or a .keras file with preprocessing.json beside it."""
+def load_trained_model(model_path: str) -> tuple[keras.Model, Preprocessing]:
+    """(model, preprocessing) from a run folder or a .keras file with preprocessing.json beside it.
+
+    The model is loaded uncompiled. Raises PatchNetError, naming the file,
+    for a missing, truncated or unloadable model or preprocessing.json.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> from patchnet_tf.model import build_patchnet
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     build_patchnet(4, filters=2, conv_layers=1).save(os.path.join(run, MODEL_FILE))
+    ...     Preprocessing(image_size=(8, 8)).save(run)
+    ...     model, preprocessing = load_trained_model(run)
+    >>> model.name, preprocessing.image_size
+    ('patchnet', (8, 8))
+    """
     path = os.path.join(model_path, MODEL_FILE) if os.path.isdir(model_path) else model_path
     if not os.path.isfile(path):
         raise PatchNetError(f"{path}: no such model file (a run folder of `patchnet train` or a .keras file)")
@@ -28,8 +44,18 @@ def load_trained_model(model_path):
     return model, preprocessing
 
 
-def read_train_config(run_dir):
-    """The flags a run was trained with (train_config.json), {} when the folder has none."""
+def read_train_config(run_dir: str) -> dict[str, Any]:
+    """The flags a run was trained with (train_config.json), {} when the folder has none.
+
+    Raises PatchNetError when the file is there but is not a JSON object.
+
+    Example:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as run:
+    ...     read_train_config(run)
+    {}
+    """
     path = os.path.join(run_dir, TRAIN_CONFIG_FILE)
     if not os.path.isfile(path):
         return {}

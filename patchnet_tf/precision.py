@@ -62,6 +62,15 @@ def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[s
     Returns:
         "float32" or "bfloat16". `auto` is "bfloat16" only on a CPU with AMX or AVX512-BF16 and for a
         subnet of at least `WIDE_SUBNET_FILTERS` filters.
+
+    Example:
+
+    >>> from patchnet_tf.model import build_patchnet
+    >>> wide = build_patchnet(5, filters=64, conv_layers=1)
+    >>> resolve_precision("auto", wide, cpu_flags=frozenset({"amx_bf16"}))
+    'bfloat16'
+    >>> resolve_precision("auto", wide, cpu_flags=frozenset())
+    'float32'
     """
     if choice not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")

@@ -14,7 +14,7 @@ MODEL_FILE = "model.keras"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 
-def load_trained_model(model_path: str) -> tuple[keras.Model, Preprocessing]:
+def load_trained_model(model_path: str | os.PathLike) -> tuple[keras.Model, Preprocessing]:
     """(model, preprocessing) from a run folder or a .keras file with preprocessing.json beside it.
 
     The model is loaded uncompiled. Raises PatchNetError, naming the file,
@@ -22,15 +22,16 @@ def load_trained_model(model_path: str) -> tuple[keras.Model, Preprocessing]:
 
     Example:
 
-    >>> import os, tempfile
+    >>> import os, pathlib, tempfile
     >>> from patchnet_tf.model import build_patchnet
     >>> with tempfile.TemporaryDirectory() as run:
     ...     build_patchnet(4, filters=2, conv_layers=1).save(os.path.join(run, MODEL_FILE))
     ...     Preprocessing(image_size=(8, 8)).save(run)
-    ...     model, preprocessing = load_trained_model(run)
+    ...     model, preprocessing = load_trained_model(pathlib.Path(run))
     >>> model.name, preprocessing.image_size
     ('patchnet', (8, 8))
     """
+    model_path = os.fspath(model_path)
     path = os.path.join(model_path, MODEL_FILE) if os.path.isdir(model_path) else model_path
     if not os.path.isfile(path):
         raise PatchNetError(f"{path}: no such model file (a run folder of `patchnet train` or a .keras file)")

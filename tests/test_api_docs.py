@@ -27,12 +27,14 @@ from patchnet_tf import (
     layers,
     metrics,
     model,
+    precision,
     preprocessing,
     runs,
     synthetic,
 )
 
-ANNOTATED = (layers, model, preprocessing, augment, metrics, baselines, runs, atomic, explain, synthetic, errors)
+ANNOTATED = (layers, model, preprocessing, augment, metrics, baselines, runs, atomic, explain, synthetic, errors,
+             precision)
 MODULES = (patchnet_tf, heatmaps, *ANNOTATED)
 OPTIONS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 # Public names whose docstrings have no example yet, and why: heatmaps.py (not yet

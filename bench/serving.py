@@ -112,11 +112,14 @@ def run_block(make_client, clients, seconds):
     measured the ramp and the drain: with 16 clients and answers a second apart, a short block is mostly
     both, and batching's last, part-filled batch weighed as much as the steady state."""
     answers, lock = [], threading.Lock()  # (began, ended) of every call
-    answered = threading.Barrier(clients + 1)  # every client has its first answer: the window opens
-    window = {}
+    first_answers = [0]
+    opened = threading.Event()  # every client has had an answer: the window opens
     stop = threading.Event()
+    window = {}
 
     def client():
+        # No client waits for the others: an idle keep-alive connection is closed by the server (uvicorn
+        # after 5 s), and a heatmap's start-up wave of 16 clients lasts longer than that.
         call, close = make_client()
         try:
             call()  # this connection's first call (channel setup) is not measured
@@ -127,30 +130,27 @@ def run_block(make_client, clients, seconds):
                 ended = time.perf_counter()
                 with lock:
                     answers.append((began, ended))
-                if first:
-                    first = False
-                    answered.wait()
+                    if first:
+                        first = False
+                        first_answers[0] += 1
+                        if first_answers[0] == clients:
+                            opened.set()
         except BaseException:
-            answered.abort()  # the others must not wait for this client forever
             stop.set()
+            opened.set()  # the caller must not wait for this client forever
             raise
         finally:
             close()
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client) for _ in range(clients)]
-        try:
-            answered.wait()
-        except threading.BrokenBarrierError:
-            for future in futures:
-                future.result()  # raises the client's error
-            raise
+        opened.wait()
         window["start"], cpu_start = time.perf_counter(), time.process_time()
-        time.sleep(seconds)
+        stop.wait(seconds)  # returns early only when a client failed
         window["end"], cpu = time.perf_counter(), time.process_time() - cpu_start
         stop.set()
         for future in futures:
-            future.result()
+            future.result()  # raises a client's error
     inside = [ended - began for began, ended in answers if window["start"] <= ended < window["end"]]
     latencies = [ended - began for began, ended in answers
                  if began >= window["start"] and ended < window["end"]]

@@ -44,7 +44,7 @@ from patchnet_tf.flag_types import (
     zoom_factor,
 )
 from patchnet_tf.heatmaps import check_centred_patch_size
-from patchnet_tf.model import build_patchnet, loss_for, output_classes
+from patchnet_tf.model import build_patchnet, loss_for, output_classes, smallest_patch_size
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
 from pipelines.callbacks import (
@@ -248,12 +248,12 @@ def check_flags(config):
             check_centred_patch_size(patch_size)
         except PatchNetError as error:
             raise PatchNetError(f"--patch-size {patch_size}: {error}; use {patch_size + 1}") from None
-        if config["padding"] == "valid" and patch_size <= 2 * config["conv_layers"]:
-            # build_patchnet refuses this too, but only after the run folder is written
+        smallest = smallest_patch_size(config["conv_layers"], config["padding"])
+        if patch_size < smallest:  # build_patchnet's rule, checked before the run folder is written
             raise PatchNetError(
                 f"--padding valid needs --patch-size above 2 x --conv-layers ({patch_size} <= "
                 f"2 x {config['conv_layers']}: each valid 3x3 conv trims 2 pixels); use --patch-size "
-                f"{2 * config['conv_layers'] + 1} or more, fewer --conv-layers, or --padding same"
+                f"{smallest} or more, fewer --conv-layers, or --padding same"
             )
         if patch_size > min(height, width):
             raise PatchNetError(

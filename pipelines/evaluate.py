@@ -34,6 +34,7 @@ from patchnet_tf.metrics import (
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 from pipelines.progress import Progress
+from pipelines.settings import PAPER
 
 
 def load_run(model_path):
@@ -45,16 +46,17 @@ def load_run(model_path):
 
 def load_split(data, preprocessing, split, train_config=None):
     """The split of a folder dataset, classes ordered as the model was trained."""
-    train_config = train_config or {}
+    # A model file without a run folder, or a run saved before a setting existed: train's defaults.
+    train_config = {**PAPER, **(train_config or {})}
     is_csv = data.lower().endswith(".csv")
     try:
         dataset = load_dataset(
             data,
             positive_class=None if is_csv or len(preprocessing.class_names) > 2 else preprocessing.class_names[-1],
-            image_dir=train_config.get("images"),
-            isic_task=train_config.get("isic_task", "melanoma"),
-            val_fraction=train_config.get("val_fraction", 0.2),
-            seed=train_config.get("seed", 0),
+            image_dir=train_config["images"],
+            isic_task=train_config["isic_task"],
+            val_fraction=train_config["val_fraction"],
+            seed=train_config["seed"],
         )
     except PositiveClassMismatch as error:
         raise PatchNetError(

@@ -37,6 +37,7 @@ from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
 from pipelines.export import check_pixel_limits, export_saved_model
 from pipelines.flags import CHANCE_AUROC, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+from pipelines.settings import PAPER
 from serving import warmup
 from serving.core import list_versions
 from serving.loader import LoadedModel, first_line
@@ -195,14 +196,11 @@ def _next_version(base_dir):
 def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
     """The run's own validation split when its train_config.json says how it was made."""
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    config = read_train_config(run_dir)
-    if config:
-        val_fraction = val_fraction if val_fraction is not None else config.get("val_fraction", 0.2)
-        seed = seed if seed is not None else config.get("seed", 0)
-        positive_class = positive_class or config.get("positive_class")
+    config = {**PAPER, **read_train_config(run_dir)}  # no run folder: train's defaults
     dataset = load_folder_dataset(
-        data_dir, positive_class=positive_class,
-        val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed or 0,
+        data_dir, positive_class=positive_class or config["positive_class"],
+        val_fraction=config["val_fraction"] if val_fraction is None else val_fraction,
+        seed=config["seed"] if seed is None else seed,
     )
     return dataset.splits["val"]
 

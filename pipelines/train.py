@@ -284,11 +284,11 @@ def _worker_scratch(out, strategy):
 
 def augmentation_from(config):
     return Augmentation(
-        rotation=config.get("rotation") or 0.0,
-        zoom=config.get("zoom") or 1.0,
-        horizontal_flip=bool(config.get("horizontal_flip")),
-        vertical_flip=bool(config.get("vertical_flip")),
-        border=config["patch_size"] // 2 if config["arch"] == "patchnet" and config.get("border_patches") else 0,
+        rotation=config["rotation"],
+        zoom=config["zoom"],
+        horizontal_flip=config["horizontal_flip"],
+        vertical_flip=config["vertical_flip"],
+        border=config["patch_size"] // 2 if config["arch"] == "patchnet" and config["border_patches"] else 0,
     )
 
 

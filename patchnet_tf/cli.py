@@ -1,28 +1,22 @@
-"""`patchnet <command>`: the command-line front door.
+"""`patchnet <command>`: runs a command whose flags `patchnet_launcher` has parsed.
 
-Each command lives in its own module with `add_arguments(parser)` and
-`run(args)`; the module is imported only when its command runs, so the
-library never imports the pipelines or the serving code otherwise. The
-command table and the bare `patchnet --help` live in `patchnet_launcher`,
-outside this package, because importing the package imports TensorFlow.
+Each command lives in its own module with `run(args)`; its flags are declared
+in a TF-free module (`pipelines/flags.py`, `serving/flags.py`), so the
+launcher answers --help and bad flags before TensorFlow is imported. The
+command's module is imported only when its command runs, so the library never
+imports the pipelines or the serving code otherwise.
 """
 
 import importlib
 import sys
 
-from patchnet_launcher import COMMANDS, Parser, main  # noqa: F401 (main: `patchnet` and python -m patchnet_tf)
+from patchnet_launcher import COMMANDS, Parser, command_parser, main  # noqa: F401 (main: `patchnet` and python -m patchnet_tf)
 from patchnet_tf.errors import PatchNetError
 
 
-def run_command(name, argv):
-    """Parses `patchnet NAME ARGV` with NAME's flags and runs it; the exit status."""
-    module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = Parser(prog=f"patchnet {name}", description=summary)
-    module.add_arguments(parser)
-    # A command that passes flags on to another tool (bulk: Beam's pipeline options) parses them itself.
-    parse = getattr(module, "parse_arguments", None)
-    args = parse(parser, argv) if parse else parser.parse_args(argv)
+def run_command(name, args):
+    """Runs `patchnet NAME` with its parsed flags `args`; the exit status."""
+    module = importlib.import_module(COMMANDS[name][0])
     try:
         return module.run(args) or 0
     except PatchNetError as error:

@@ -55,7 +55,7 @@ def build_subnet(
     padding = padding.lower()
     if padding not in ("same", "valid"):
         raise PatchNetError(f"padding must be 'same' or 'valid', got {padding!r}")
-    if padding == "valid" and patch_size <= 2 * conv_layers:
+    if patch_size < smallest_patch_size(conv_layers, padding):
         raise PatchNetError(
             f"padding='valid' needs patch_size > 2 * conv_layers "
             f"({patch_size} <= {2 * conv_layers}): each valid 3x3 conv trims 2 pixels"
@@ -81,6 +81,12 @@ def build_subnet(
     )(x)
     probabilities = keras.layers.Reshape((classes,), name="squeeze")(x)
     return keras.Model(patches, probabilities, name="subnet")
+
+
+def smallest_patch_size(conv_layers, padding):
+    """The smallest patch a subnet of `conv_layers` 3x3 convs takes: each valid conv trims 2 pixels and
+    leaves at least one. Commands check their flags with it before they write a run folder."""
+    return 2 * conv_layers + 1 if padding.lower() == "valid" else 1
 
 
 def build_patchnet(

@@ -24,7 +24,6 @@ Runners: `--runner DirectRunner` (default) runs in one process per core here
 must be paths every worker sees (a shared file system).
 """
 
-import contextlib
 import csv
 import dataclasses
 import glob
@@ -52,7 +51,6 @@ finally:
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import output_stems, png_suffixes, write_heatmap_pngs
 from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import MODEL_FILE, load_trained_model
@@ -67,47 +65,6 @@ PROGRESS_SECONDS = 5.0
 DONE = Metrics.counter(NAMESPACE, "images_done")
 SKIPPED = Metrics.counter(NAMESPACE, "images_skipped")
 FAILED = Metrics.counter(NAMESPACE, "images_failed")
-
-
-def add_arguments(parser):
-    parser.epilog = ("Any Beam pipeline option passes through as --name=value, e.g. --runner FlinkRunner "
-                     "--flink_master=host:8081 (docs/bulk.md).")
-    parser.add_argument("inputs", nargs="+",
-                        help="image files, folders of images, glob patterns ('data/**/*.jpg'), "
-                             "or CSV files with a 'path' column (relative to the CSV's folder)")
-    parser.add_argument("--model", required=True, help="a run folder of `patchnet train` or its model.keras")
-    parser.add_argument("--out", required=True, help="folder for the PNGs, results.csv and dead-letter.csv")
-    parser.add_argument("--stride", type=positive_int, default=1,
-                        help="evaluate every s-th pixel and fill s x s blocks (cost ~1/s^2)")
-    parser.add_argument("--batch-size", type=positive_int, default=8,
-                        help="most images per model call (Beam's BatchElements sizes batches up to it)")
-    parser.add_argument("--runner", default="DirectRunner",
-                        help="a Beam runner; any other Beam pipeline option passes through as --name=value")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
-                        help="DirectRunner worker processes (Beam's direct_num_workers)")
-
-
-def parse_arguments(parser, argv):
-    """Our flags, plus Beam's own pipeline options (`--name=value`) in args.beam_options."""
-    args, rest = parser.parse_known_args(argv)
-    options = PipelineOptions(rest)
-    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
-    level = beam_log.level
-    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args" says what our error below says
-    try:  # Beam parses its options with an argparse parser of its own, whose error is its whole usage
-        with contextlib.redirect_stderr(io.StringIO()) as beam_error:
-            known = options.get_all_options(drop_default=True)
-    except SystemExit:  # its last line: "<prog>: error: argument --name: why"
-        reason = beam_error.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
-        parser.error(f"Beam pipeline option {reason.removeprefix('argument ')}")
-    finally:
-        beam_log.setLevel(level)
-    unknown = [flag for flag in rest if not flag.startswith("--") or
-               flag[2:].split("=", 1)[0] not in known]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)} (Beam pipeline options are --name=value)")
-    args.beam_options = rest
-    return args
 
 
 def list_inputs(inputs):

@@ -19,6 +19,7 @@ the sampled image's own class (its first masked class for an unmasked one).
 """
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -30,103 +31,37 @@ import tensorflow as tf
 
 from patchnet_tf.atomic import atomic_path, atomic_write_text
 from patchnet_tf.errors import MissingSplit, PatchNetError
-from patchnet_tf.flag_types import (
-    cell_pixels,
-    image_size,
-    nonnegative_int,
-    positive_float,
-    positive_int,
-    unit_interval,
-)
 from patchnet_tf.heatmaps import heatmap_to_gray
 from patchnet_tf.metrics import format_number, format_percent, mask_metrics
 from pipelines import evaluate as evaluation
+from pipelines import settings
 from pipelines.data import load_dataset
-from pipelines.presets import CPU, cpu_stride
+from pipelines.settings import ARCHS
 
-ARCHS = ("patchnet", "cam", "vgg11")
 SPLIT_TITLES = {"train": "Training", "val": "Validation", "test": "Test"}
 
 
-def add_arguments(parser):
-    parser.add_argument("data", help="folder dataset with DATA/train, DATA/val (DATA/test) and masks")
-    parser.add_argument("--out", required=True, help="folder for the three runs, the tables and the figure")
-    parser.add_argument("--masks", default=None, metavar="DIR", help="mask folder (default: DATA/masks)")
-    parser.add_argument("--mask-split", choices=("val", "test"), default="val",
-                        help="split whose masks Table 2 and the figure use (paper: validation)")
-    parser.add_argument("--no-train", action="store_true", help="only load the three runs in --out")
-    group = parser.add_argument_group("training (the `patchnet train` flags of all three runs)")
-    group.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    group.add_argument("--epochs", type=positive_int, default=CPU["epochs"], help="most epochs per model")
-    group.add_argument("--patience", type=positive_int, default=CPU["patience"],
-                       help="counted once the training loss has left ln 2 (as `patchnet train`)")
-    group.add_argument("--learning-rate", type=positive_float, default=CPU["learning_rate"],
-                       help="PatchNet's Adam learning rate (paper: 1e-4 over hundreds of epochs)")
-    group.add_argument("--batch-size", type=positive_int, default=CPU["batch_size"], help="PatchNet's batch (paper: 4)")
-    group.add_argument("--baseline-batch-size", type=positive_int, default=16,
-                       help="CAM and VGG-11 batch (paper: 64)")
-    group.add_argument("--baseline-learning-rate", type=positive_float, default=3e-4,
-                       help="CAM and VGG-11 Adam learning rate (docs/comparison.md: how it was picked)")
-    group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips (all three models)")
-    group.add_argument("--vertical-flip", action="store_true", help="random up-down flips (all three models)")
-    group.add_argument("--seed", type=nonnegative_int, default=0, help="seeds all three runs")
-    group.add_argument("--no-normalize", dest="normalize", action="store_false",
-                       help="feed [0, 1] pixels instead of standardized ones (as `patchnet train`)")
-    group.add_argument("--stop-at-perfect-accuracy", action="store_true",
-                       help="the paper's second stopping rule (as `patchnet train`)")
-    group = parser.add_argument_group("PatchNet")
-    group.add_argument("--patch-size", type=positive_int, default=CPU["patch_size"], help="PatchNet patch side in pixels, odd")
-    group.add_argument("--stride", type=positive_int, default=None,
-                       help="training patch stride (default: 3 for valid padding, overlapping patches computed "
-                       "fully convolutionally; the patch size for same padding, as the paper)")
-    group.add_argument("--padding", choices=("same", "valid"), default=CPU["padding"],
-                       help="valid: exact one-pass heatmaps (docs/padding.md); same: the paper's subnet")
-    group.add_argument("--filters", type=positive_int, default=CPU["filters"], help="PatchNet filters per conv layer")
-    group.add_argument("--conv-layers", type=positive_int, default=CPU["conv_layers"], help="PatchNet conv layers")
-    group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
-                       help="train without patches that hang over the image border (as `patchnet train`)")
-    group = parser.add_argument_group("maps and figure")
-    group.add_argument("--threshold", type=unit_interval, default=0.5, help="heatmap threshold for Table 2")
-    group.add_argument("--heatmap-stride", type=positive_int, default=1,
-                       help="PatchNet heatmap stride (costly for padding='same' models)")
-    group.add_argument("--samples", type=positive_int, default=6, help="images in the figure")
-    group.add_argument("--cell", type=cell_pixels, default=128, help="figure cell size in pixels")
-    group.add_argument("--batch-size-eval", type=positive_int, default=16, dest="eval_batch_size",
-                       help="images per batch when evaluating")
-
-
 def run_configs(args):
-    """The `patchnet train` config of each of the three runs."""
-    common = {
-        "data": args.data,
-        "image_size": tuple(args.image_size),
-        "epochs": args.epochs,
-        "patience": args.patience,
-        "learning_rate": args.learning_rate,
-        "horizontal_flip": args.horizontal_flip,
-        "vertical_flip": args.vertical_flip,
-        "seed": args.seed,
-        "normalize": args.normalize,
-        "stop_at_perfect_accuracy": args.stop_at_perfect_accuracy,
-        "heatmap_every": 0,  # compare draws its own figure
-        "skip_bad": None,  # compare has no --skip-bad: a bad file is an error that does not suggest one
-    }
+    """The `patchnet train` config of each of the three runs, from compare's flags as settings objects.
+
+    A setting compare has no flag for is `patchnet train`'s default. The baselines take the shared
+    settings with their own batch size and learning rate; the model and border patches are PatchNet's
+    flags, so the baselines keep train's defaults there (as their stored configs have them).
+    """
+    flags = vars(args)
+    # heatmap_every 0: compare draws its own figure; skip_bad None: compare has no --skip-bad, so a bad
+    # file is an error that does not suggest one.
+    data = settings.settings_from(settings.DataSettings, flags, skip_bad=None)
+    training = settings.settings_from(settings.TrainingSettings, flags, heatmap_every=0)
+    patchnet = settings.settings_from(settings.ModelSettings, flags,
+                                      stride=args.stride or settings.cpu_stride(args.padding))
+    baseline = dataclasses.replace(training, batch_size=args.baseline_batch_size,
+                                   learning_rate=args.baseline_learning_rate,
+                                   border_patches=settings.TrainingSettings.border_patches)
     configs = {}
     for arch in ARCHS:
-        config = dict(common, arch=arch, out=os.path.join(args.out, arch))
-        if arch == "patchnet":
-            config.update(
-                batch_size=args.batch_size,
-                patch_size=args.patch_size,
-                stride=args.stride or cpu_stride(args.padding),
-                padding=args.padding,
-                filters=args.filters,
-                conv_layers=args.conv_layers,
-                border_patches=args.border_patches,
-            )
-        else:
-            config.update(batch_size=args.baseline_batch_size, learning_rate=args.baseline_learning_rate)
-        configs[arch] = config
+        model, run = (patchnet, training) if arch == "patchnet" else (settings.ModelSettings(arch=arch), baseline)
+        configs[arch] = settings.train_config(model, data, run, data=args.data, out=os.path.join(args.out, arch))
     return configs
 
 

@@ -25,14 +25,11 @@ import tensorflow as tf
 
 from patchnet_tf.errors import PatchNetError, PositiveClassMismatch
 from patchnet_tf.preprocessing import decode_image
+from pipelines.settings import ISIC_TASKS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "val", "test")
 DATASET_FILE = "dataset.json"  # optional: {"class_names": [class 0, class 1, ...]}
-ISIC_TASKS = {
-    "melanoma": ("benign", "melanoma"),  # the paper's binary task
-    "diagnosis": ("nevus", "melanoma", "seborrheic_keratosis"),  # nevus: neither of the two columns
-}
 
 # OpenCV prints libtiff's own "[ERROR] TIFFFetchDirectory" lines for a corrupt TIFF; every
 # undecodable file is reported here, by name, once (or listed under --skip-bad).

@@ -10,23 +10,11 @@ import os
 import time
 
 from patchnet_tf.atomic import check_output_path
-from patchnet_tf.flag_types import image_size, nonnegative_int, port_number, positive_int
 from patchnet_tf.metrics import format_number, format_percent
-from pipelines.presets import CPU, cpu_stride
+from pipelines.settings import CPU, cpu_stride
 
 MODEL_NAME = "patchnet"
 HOST = "127.0.0.1"  # the local server's address
-
-
-def add_arguments(parser):
-    parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes")
-    parser.add_argument("--image-size", type=image_size, default=(64, 64), help="HEIGHTxWIDTH")
-    parser.add_argument("--epochs", type=positive_int, default=CPU["epochs"], help="most training epochs")
-    parser.add_argument("--patch-size", type=positive_int, default=CPU["patch_size"], help="patch side in pixels, odd")
-    parser.add_argument("--padding", choices=("same", "valid"), default=CPU["padding"],
-                        help="valid: exact one-pass heatmaps; same: the paper's subnet")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the data and the training")
-    parser.add_argument("--port", type=port_number, default=0, help="local server port (0: a free one)")
 
 
 class Stages:

@@ -23,7 +23,6 @@ from sklearn.metrics import roc_auc_score
 from patchnet_tf.atomic import atomic_write_text, check_output_path
 from patchnet_tf.errors import MissingSplit, PatchNetError, PositiveClassMismatch
 from patchnet_tf.explain import explain
-from patchnet_tf.flag_types import positive_int, unit_interval
 from patchnet_tf.metrics import (
     confusion_matrix,
     format_confusion_matrix,
@@ -35,22 +34,7 @@ from patchnet_tf.metrics import (
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 from pipelines.progress import Progress
-
-
-def add_arguments(parser):
-    parser.add_argument("model", help="run folder of `patchnet train` (or its model.keras)")
-    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png (or DATA/train, DATA/val, DATA/test)")
-    parser.add_argument("--split", choices=("val", "test", "train"), default="val", help="which split of DATA")
-    parser.add_argument("--masks", default=None, metavar="DIR",
-                        help="folder of binary mask PNGs named like the images (K classes: DIR/<class>/): "
-                        "adds exact match, recall, AUROC")
-    parser.add_argument("--threshold", type=unit_interval, default=0.5, help="heatmap threshold for the mask metrics")
-    parser.add_argument("--heatmap-stride", type=positive_int, default=1,
-                        help="PatchNet heatmap stride; s costs about 1/s^2 of stride 1 for padding='same' models")
-    parser.add_argument("--skip-unmasked", action="store_true",
-                        help="leave images without a mask file out of the mask metrics instead of failing")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+from pipelines.settings import PAPER
 
 
 def load_run(model_path):
@@ -62,16 +46,17 @@ def load_run(model_path):
 
 def load_split(data, preprocessing, split, train_config=None):
     """The split of a folder dataset, classes ordered as the model was trained."""
-    train_config = train_config or {}
+    # A model file without a run folder, or a run saved before a setting existed: train's defaults.
+    train_config = {**PAPER, **(train_config or {})}
     is_csv = data.lower().endswith(".csv")
     try:
         dataset = load_dataset(
             data,
             positive_class=None if is_csv or len(preprocessing.class_names) > 2 else preprocessing.class_names[-1],
-            image_dir=train_config.get("images"),
-            isic_task=train_config.get("isic_task", "melanoma"),
-            val_fraction=train_config.get("val_fraction", 0.2),
-            seed=train_config.get("seed", 0),
+            image_dir=train_config["images"],
+            isic_task=train_config["isic_task"],
+            val_fraction=train_config["val_fraction"],
+            seed=train_config["seed"],
         )
     except PositiveClassMismatch as error:
         raise PatchNetError(

@@ -34,10 +34,10 @@ import tensorflow as tf
 
 from patchnet_tf.atomic import check_output_path
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
 from patchnet_tf.preprocessing import decode_image, encoded_image_size
 from patchnet_tf.runs import load_trained_model
+from pipelines.flags import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURES = ("classify", "serving_default", "heatmap", "classify_images", "heatmap_images")
@@ -52,8 +52,6 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 # per image is above a digital mammogram or a large dermoscopy photograph (20-50 megapixels); a
 # request may hold four such images. Decoding costs about 16 bytes per pixel at its peak (uint8,
 # float32 and the resize), so the request limit bounds a request's memory at about 4 GB.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-DEFAULT_MAX_REQUEST_PIXELS = 256_000_000
 
 # Images per model call in the classify and heatmap signatures (see ServingModule.probabilities).
 MODEL_CHUNK_IMAGES = 2
@@ -307,32 +305,12 @@ def check_pixel_limits(max_image_pixels, max_request_pixels):
                             f"{max_image_pixels}; a request must be able to hold one image of the largest size")
 
 
-def add_pixel_limit_arguments(parser):
-    """--max-image-pixels and --max-request-pixels, shared by export and push."""
-    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="refuse (INVALID_ARGUMENT, before decoding) an image whose header declares more "
-                             f"pixels than this (default {DEFAULT_MAX_IMAGE_PIXELS:,}: 64 megapixels)")
-    parser.add_argument("--max-request-pixels", type=positive_int, default=DEFAULT_MAX_REQUEST_PIXELS,
-                        help="refuse a request whose images together declare more pixels than this "
-                             f"(default {DEFAULT_MAX_REQUEST_PIXELS:,})")
-
-
 def _has_subnet(model):
     try:
         model.get_layer("subnet")
         return True
     except ValueError:
         return False
-
-
-def add_arguments(parser):
-    parser.add_argument("model", help="run folder (model.keras + preprocessing.json) or a .keras file")
-    parser.add_argument("--out", required=True, help="new folder for the SavedModel")
-    parser.add_argument("--heatmap-stride", type=positive_int, default=1,
-                        help="stride of the heatmap signatures (1 = every pixel, the paper's map)")
-    parser.add_argument("--chunk-patches", type=positive_int, default=DEFAULT_CHUNK_PATCHES,
-                        help="patches per subnet call inside the heatmap signature (bounds memory)")
-    add_pixel_limit_arguments(parser)
 
 
 def run(args):

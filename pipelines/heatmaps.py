@@ -17,20 +17,10 @@ from patchnet_tf.atomic import check_output_path, write_png
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.flag_types import positive_int
 from patchnet_tf.heatmaps import filter_heatmaps, heatmap_to_gray, output_stems, write_heatmap_pngs
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
-
-
-def add_arguments(parser):
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--model", required=True, help="a run folder of `patchnet train` or its model.keras")
-    parser.add_argument("--out", required=True, help="folder for the PNGs")
-    parser.add_argument("--stride", type=positive_int, default=1,
-                        help="evaluate every s-th pixel and fill s x s blocks (cost ~1/s^2)")
-    parser.add_argument("--filters", action="store_true", help="also write the filter heatmaps")
 
 
 def list_images(inputs):

@@ -33,22 +33,16 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path, fsync
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import nonnegative_int, open_unit_interval, positive_int, unit_interval
 from patchnet_tf.runs import read_train_config
 from pipelines.data import load_folder_dataset
-from pipelines.export import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_REQUEST_PIXELS,
-    add_pixel_limit_arguments,
-    check_pixel_limits,
-    export_saved_model,
-)
+from pipelines.export import check_pixel_limits, export_saved_model
+from pipelines.flags import CHANCE_AUROC, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+from pipelines.settings import PAPER
 from serving import warmup
 from serving.core import list_versions
 from serving.loader import LoadedModel, first_line
 
 STEPS = ("export", "evaluate", "bless", "warmup", "infra-validate", "push")
-CHANCE_AUROC = 0.5
 EVAL_BATCH = 16
 
 
@@ -202,14 +196,11 @@ def _next_version(base_dir):
 def _validation_split(model_path, data_dir, val_fraction, seed, positive_class):
     """The run's own validation split when its train_config.json says how it was made."""
     run_dir = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    config = read_train_config(run_dir)
-    if config:
-        val_fraction = val_fraction if val_fraction is not None else config.get("val_fraction", 0.2)
-        seed = seed if seed is not None else config.get("seed", 0)
-        positive_class = positive_class or config.get("positive_class")
+    config = {**PAPER, **read_train_config(run_dir)}  # no run folder: train's defaults
     dataset = load_folder_dataset(
-        data_dir, positive_class=positive_class,
-        val_fraction=0.2 if val_fraction is None else val_fraction, seed=seed or 0,
+        data_dir, positive_class=positive_class or config["positive_class"],
+        val_fraction=config["val_fraction"] if val_fraction is None else val_fraction,
+        seed=config["seed"] if seed is None else seed,
     )
     return dataset.splits["val"]
 
@@ -275,31 +266,6 @@ def push(model_path, base_dir, *, data_dir, model_name=None, version=None, min_a
         raise PushError(step, f"{type(error).__name__}: {first_line(error)}") from error
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
-
-
-def add_arguments(parser):
-    parser.add_argument("model", help="run folder (model.keras + preprocessing.json) or a .keras file")
-    parser.add_argument("--base", required=True, help="model base folder that TF Serving watches")
-    parser.add_argument("--data", required=True, help="dataset folder; its validation split is used")
-    parser.add_argument("--model-name", default=None, help="default: the base folder's name")
-    parser.add_argument("--version", type=positive_int, default=None, help="default: highest + 1")
-    parser.add_argument("--min-accuracy", type=unit_interval, default=0.0,
-                        help="validation accuracy the model must reach to be blessed")
-    parser.add_argument("--min-auroc", type=unit_interval, default=CHANCE_AUROC,
-                        help="the AUROC must be above this; 0.5 refuses a model no better than chance, "
-                        "0 allows any")
-    parser.add_argument("--tolerance", type=unit_interval, default=0.01,
-                        help="how much worse than the served version a candidate may be")
-    parser.add_argument("--heatmap-stride", type=positive_int, default=1, help="stride of the exported heatmap signatures")
-    parser.add_argument("--val-fraction", type=open_unit_interval, default=None,
-                        help="default: the run's train_config.json, else 0.2")
-    parser.add_argument("--seed", type=nonnegative_int, default=None,
-                        help="split seed (default: the run's train_config.json, else 0)")
-    parser.add_argument("--positive-class", default=None,
-                        help="class folder that is class 1 (default: the run's, else the second in sorted order)")
-    parser.add_argument("--config-base-path", default=None,
-                        help="base_path written to models.config (default /models/<base folder name>)")
-    add_pixel_limit_arguments(parser)
 
 
 def run(args):

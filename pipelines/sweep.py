@@ -10,7 +10,6 @@ written as SWEEP/sweep.csv and SWEEP/sweep.md; `tensorboard --logdir SWEEP`
 shows every run, and the HParams dashboard compares them.
 """
 
-import argparse
 import csv
 import io
 import itertools
@@ -19,7 +18,7 @@ import statistics
 
 from patchnet_tf.atomic import atomic_write_text
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import positive_float, positive_int
+from pipelines.settings import ARCHS
 
 COLUMNS = (
     "model",
@@ -33,38 +32,12 @@ COLUMNS = (
 )
 
 
-def _list_of(kind):
-    """A comma-separated list of `kind` values; `kind` is a flag type, which refuses a bad value itself."""
-    def parse(text):
-        values = [kind(part) for part in text.split(",") if part.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list such as 11,17,31, got {text!r}")
-        return values
-
-    return parse
-
-
-def add_arguments(parser):
-    from pipelines.train import add_model_arguments, add_training_arguments
-
-    parser.add_argument("data", help="dataset folder or ISIC CSV, as for `patchnet train`")
-    parser.add_argument("--out", required=True, help="sweep folder: one run folder per setting inside")
-    parser.add_argument("--patch-sizes", type=_list_of(positive_int), default=None,
-                        help="comma-separated patch sizes, e.g. 11,17,31 (PatchNet runs)")
-    parser.add_argument("--archs", type=_list_of(str), default=["patchnet"],
-                        help="comma-separated architectures: patchnet, cam, vgg11")
-    parser.add_argument("--learning-rates", type=_list_of(positive_float), default=None,
-                        help="comma-separated learning rates (default: --learning-rate)")
-    add_model_arguments(parser)
-    add_training_arguments(parser)
-
-
 def settings(config):
     """(run name, config overrides) for every point of the grid, in table order."""
     archs = config["archs"]
-    unknown = [arch for arch in archs if arch not in ("patchnet", "cam", "vgg11")]
+    unknown = [arch for arch in archs if arch not in ARCHS]
     if unknown:
-        raise PatchNetError(f"--archs: unknown architecture(s) {', '.join(unknown)}; use patchnet, cam, vgg11")
+        raise PatchNetError(f"--archs: unknown architecture(s) {', '.join(unknown)}; use {', '.join(ARCHS)}")
     rates = config["learning_rates"] or [config["learning_rate"]]
     points = []
     for arch in archs:

@@ -223,7 +223,7 @@ def write_folder_dataset(root, class_names, counts, example):
 
 def generator_parser(module, docstring, count_help, seed_help):
     """The command line every bundled dataset generator shares: ROOT, --image-size, --count, --seed."""
-    from patchnet_tf.flag_types import image_size, nonnegative_int, positive_int
+    from patchnet_launcher import image_size, nonnegative_int, positive_int
 
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=docstring.split("\n")[0])
     parser.add_argument("root", help="output folder")

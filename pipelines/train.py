@@ -34,17 +34,8 @@ from patchnet_tf import baselines
 from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.augment import Augmentation, AugmentedModel
 from patchnet_tf.errors import PatchNetError, WorkerLost
-from patchnet_tf.flag_types import (
-    image_size,
-    nonnegative_float,
-    nonnegative_int,
-    open_unit_interval,
-    positive_float,
-    positive_int,
-    zoom_factor,
-)
 from patchnet_tf.heatmaps import check_centred_patch_size
-from patchnet_tf.model import build_patchnet, loss_for, output_classes
+from patchnet_tf.model import build_patchnet, loss_for, output_classes, smallest_patch_size
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
 from pipelines.callbacks import (
@@ -59,7 +50,8 @@ from pipelines.callbacks import (
     inference_model,
     trim_csv_log,
 )
-from pipelines.data import ISIC_TASKS, Split, image_dataset, load_dataset
+from pipelines.data import Split, image_dataset, load_dataset
+from pipelines.settings import PAPER
 
 MODEL_NAME = "model.keras"
 CONFIG_NAME = TRAIN_CONFIG_FILE
@@ -72,86 +64,6 @@ PATH_KEYS = ("data", "images")  # stored absolute: ./data/x and data/x are the s
 BEFORE_NORMALIZATION = {"normalize": False, "border_patches": False, "stop_at_perfect_accuracy": True}
 # Flags added later, with the value every run saved before them was trained with.
 ADDED_LATER = {"isic_task": "melanoma"}
-
-
-def add_arguments(parser):
-    parser.add_argument("data", help="dataset folder: DATA/<class>/*.png, two or more classes (or DATA/train, "
-                        "DATA/val), or an ISIC 2017 ground-truth CSV (image_id,melanoma,...)")
-    parser.add_argument("--out", required=True, help="run folder; an existing run there resumes")
-    add_model_arguments(parser)
-    add_training_arguments(parser)
-
-
-def add_training_arguments(parser):
-    """Every `train` flag except DATA, --out and the model's (`patchnet sweep` reuses them)."""
-    parser.add_argument("--images", default=None, metavar="DIR",
-                        help="ISIC CSV only: folder holding <image_id>.jpg (default: the CSV's folder)")
-    parser.add_argument("--isic-task", choices=sorted(ISIC_TASKS), default="melanoma",
-                        help="ISIC CSV only: melanoma (the paper's binary task) or diagnosis (three classes: "
-                        "nevus, melanoma, seborrheic_keratosis)")
-    parser.add_argument("--image-size", type=image_size, default=(128, 128), help="HEIGHTxWIDTH")
-    parser.add_argument("--gamma", type=positive_float, default=None, help="gamma correction, e.g. 2.2")
-    parser.add_argument("--shades-of-gray", type=positive_float, default=None, metavar="NORM",
-                        help="Shades of Gray colour constancy with this Minkowski norm, e.g. 6")
-    parser.add_argument("--positive-class", default=None, help="class folder that is class 1")
-    parser.add_argument("--val-fraction", type=open_unit_interval, default=0.2,
-                        help="share of each class held out for validation when DATA has no val/ folder")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="images per step (paper: 4)")
-    parser.add_argument("--epochs", type=positive_int, default=100, help="most epochs; stopping may end sooner")
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    parser.add_argument("--patience", type=positive_int, default=20,
-                        help="epochs without a better val_loss before stopping, counted once the training "
-                        "loss has left the ln 2 plateau (paper: 1000)")
-    parser.add_argument("--stop-at-perfect-accuracy", action="store_true",
-                        help="the paper's second rule: stop when training accuracy reaches 100 %%")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
-                        help="seeds the split, the shuffle, augmentation and the initial weights")
-    parser.add_argument("--no-normalize", dest="normalize", action="store_false",
-                        help="feed [0, 1] pixels instead of standardizing each channel with the training "
-                        "split's mean and standard deviation (saved in preprocessing.json)")
-    group = parser.add_argument_group("augmentation (training step only; never in the saved model)")
-    group.add_argument("--rotation", type=nonnegative_float, default=0.0, metavar="DEGREES",
-                       help="random rotation up to this angle either way (paper, dermoscopy: 180)")
-    group.add_argument("--zoom", type=zoom_factor, default=1.0, metavar="FACTOR",
-                       help="random zoom-in up to this factor (paper, dermoscopy: 1.2)")
-    group.add_argument("--horizontal-flip", action="store_true", help="random left-right flips")
-    group.add_argument("--vertical-flip", action="store_true", help="random up-down flips")
-    group.add_argument("--no-border-patches", dest="border_patches", action="store_false",
-                       help="PatchNet: do not pad each batch by a random border of up to half a patch "
-                       "(which teaches the subnet the zero padding its heatmaps see at the image border)")
-    group = parser.add_argument_group("input pipeline")
-    group.add_argument("--no-balance", dest="balance", action="store_false",
-                       help="draw training images as they come instead of equally per class")
-    group.add_argument("--skip-bad", action="store_true",
-                       help="skip (and list) undecodable images instead of stopping at the first")
-    group.add_argument("--cache", choices=("auto", "memory", "off"), default="auto",
-                       help="keep decoded images in memory (auto: when they fit)")
-    group = parser.add_argument_group("scale")
-    group.add_argument("--mixed-precision", choices=("auto", "off", "float16", "bfloat16"), default="auto",
-                       help="auto: float16 on a GPU, off on the CPU; outputs and loss stay float32")
-    group.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
-                       help="mirrored: all local GPUs; multiworker: several machines (reads TF_CONFIG). "
-                       "--batch-size is the global batch")
-    group = parser.add_argument_group("TensorBoard")
-    group.add_argument("--heatmap-every", type=nonnegative_int, default=5, metavar="EPOCHS",
-                       help="log validation heatmaps every N epochs (0: never)")
-    group.add_argument("--heatmap-images", type=nonnegative_int, default=4, metavar="COUNT",
-                       help="how many fixed validation images (half per class) to log")
-
-
-def add_model_arguments(parser):
-    parser.add_argument("--arch", choices=("patchnet", "cam", "vgg11"), default="patchnet",
-                        help="patchnet: the paper's model; cam and vgg11 (Grad-CAM): the baselines")
-    parser.add_argument("--width", type=positive_int, default=None,
-                        help="cam / vgg11: filters of the first block (paper: 64; default: 16, CPU-sized)")
-    parser.add_argument("--patch-size", type=positive_int, default=21, help="patch side in pixels, odd (paper: 21)")
-    parser.add_argument("--stride", type=positive_int, default=None, help="default: patch size")
-    parser.add_argument("--padding", choices=("same", "valid"), default="same",
-                        help="same: the paper's subnet; valid: exact one-pass heatmaps (docs/padding.md)")
-    parser.add_argument("--filters", type=positive_int, default=64, help="filters per conv layer of the subnet (paper: 64)")
-    parser.add_argument("--conv-layers", type=positive_int, default=7, help="conv layers of the subnet (paper: 7)")
-    parser.add_argument("--region", type=image_size, default=None,
-                        help="only patches from the central HEIGHTxWIDTH vote (paper Appendix F)")
 
 
 def build_model(config, channels, class_count=2):
@@ -248,12 +160,12 @@ def check_flags(config):
             check_centred_patch_size(patch_size)
         except PatchNetError as error:
             raise PatchNetError(f"--patch-size {patch_size}: {error}; use {patch_size + 1}") from None
-        if config["padding"] == "valid" and patch_size <= 2 * config["conv_layers"]:
-            # build_patchnet refuses this too, but only after the run folder is written
+        smallest = smallest_patch_size(config["conv_layers"], config["padding"])
+        if patch_size < smallest:  # build_patchnet's rule, checked before the run folder is written
             raise PatchNetError(
                 f"--padding valid needs --patch-size above 2 x --conv-layers ({patch_size} <= "
                 f"2 x {config['conv_layers']}: each valid 3x3 conv trims 2 pixels); use --patch-size "
-                f"{2 * config['conv_layers'] + 1} or more, fewer --conv-layers, or --padding same"
+                f"{smallest} or more, fewer --conv-layers, or --padding same"
             )
         if patch_size > min(height, width):
             raise PatchNetError(
@@ -372,11 +284,11 @@ def _worker_scratch(out, strategy):
 
 def augmentation_from(config):
     return Augmentation(
-        rotation=config.get("rotation") or 0.0,
-        zoom=config.get("zoom") or 1.0,
-        horizontal_flip=bool(config.get("horizontal_flip")),
-        vertical_flip=bool(config.get("vertical_flip")),
-        border=config["patch_size"] // 2 if config["arch"] == "patchnet" and config.get("border_patches") else 0,
+        rotation=config["rotation"],
+        zoom=config["zoom"],
+        horizontal_flip=config["horizontal_flip"],
+        vertical_flip=config["vertical_flip"],
+        border=config["patch_size"] // 2 if config["arch"] == "patchnet" and config["border_patches"] else 0,
     )
 
 
@@ -566,13 +478,8 @@ def _callbacks(config, run_dir, dataset, preprocessing, val_data, resume_from=No
 
 
 def train_defaults():
-    """The `patchnet train` flag defaults as a config dict (without data and out)."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_model_arguments(parser)
-    add_training_arguments(parser)
-    return vars(parser.parse_args([]))
+    """The `patchnet train` flag defaults as a config dict (without data and out): the PAPER preset."""
+    return dict(PAPER)
 
 
 def run(args):

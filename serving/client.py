@@ -28,15 +28,13 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from patchnet_launcher import host_port
 from patchnet_tf.atomic import check_output_path
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import host_port, nonnegative_int, positive_float, positive_int
 from patchnet_tf.heatmaps import output_stems, write_heatmap_pngs
+from serving.flags import DEFAULT_DEADLINE, DEFAULT_WAIT, SIGNATURES
 
-SIGNATURES = ("classify", "heatmap")
 MAX_MESSAGE = 256 << 20
-DEFAULT_WAIT = 120.0  # seconds for a server to come up: the paper's model loads and warms up in about 55
-DEFAULT_DEADLINE = 300.0  # seconds per request: two 128 x 128 heatmaps of the paper's model take over 30
 
 
 @dataclasses.dataclass
@@ -188,20 +186,6 @@ def write_heatmaps(predictions, out_dir):
                                cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
         written += write_heatmap_pngs(os.path.join(out_dir, stem), maps, class_names, rgb)
     return written
-
-
-def add_arguments(parser):
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP), sent as encoded bytes")
-    parser.add_argument("--server", type=host_port, default="localhost:8500", help="host:port of the gRPC endpoint")
-    parser.add_argument("--model", required=True, help="model name (models.config name)")
-    parser.add_argument("--version", type=positive_int, default=None, help="default: the latest served")
-    parser.add_argument("--signature", choices=SIGNATURES, default="classify",
-                        help="classify: probability and label; heatmap: also writes the heatmap PNGs")
-    parser.add_argument("--deadline", type=positive_float, default=DEFAULT_DEADLINE, help="seconds per request")
-    parser.add_argument("--wait", type=positive_float, default=DEFAULT_WAIT,
-                        help="seconds to wait for a server that is still starting (loading its models)")
-    parser.add_argument("--retries", type=nonnegative_int, default=4, help="retries on UNAVAILABLE, with backoff")
-    parser.add_argument("--out", default="heatmaps", help="folder for heatmap PNGs (heatmap signature)")
 
 
 def run(args):

@@ -48,24 +48,15 @@ import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.flag_types import (
-    message_bytes,
-    nonnegative_float,
-    nonnegative_int,
-    port_number,
-    positive_float,
-    positive_int,
-)
 from serving import handlers
 from serving.batching import BatchingOptions, BatchScheduler, read_batching_parameters
 from serving.core import ConfigFilePoller, ServerCore, read_model_config, single_model_config
 from serving.errors import ServingError
+from serving.flags import MAX_MESSAGE_BYTES
 from serving.metrics import METRICS, read_monitoring_config
 from serving.rest import RestServer
 
 LOG = logging.getLogger("patchnet.serve")
-DEFAULT_PORT = 8500
-MAX_MESSAGE_BYTES = 2**31 - 1  # INT32_MAX: TF Serving sets no smaller cap (model_servers/server.cc)
 
 
 def _answer(context, handler, *args, api=None):
@@ -277,48 +268,6 @@ def start_server(base_dir=None, model_name=None, host="127.0.0.1", port=0, *, mo
     if batcher is not None:
         METRICS.watch_batcher(batcher)
     return LocalServer(core, server, host, bound, poller, rest, batcher)
-
-
-def add_arguments(parser):
-    parser.add_argument("base", nargs="?", default=None,
-                        help="model base folder holding <version>/saved_model.pb (or use --model-config-file)")
-    parser.add_argument("--model-name", default=None, help="default: the base folder's name")
-    parser.add_argument("--model-config-file", default=None,
-                        help="serve the models of this ModelServerConfig text file (the models.config "
-                        "`patchnet push` writes) instead of BASE (TF Serving's --model_config_file)")
-    parser.add_argument("--model-config-file-poll-wait-seconds", type=nonnegative_float, default=0.0,
-                        help="re-read --model-config-file this often and apply changes; 0: read once "
-                        "(TF Serving's flag)")
-    parser.add_argument("--models-dir", default=None,
-                        help="the local folder that base paths under /models/ in --model-config-file stand "
-                        "for (serving/docker-compose.yml mounts it at /models); default: the config file's folder")
-    parser.add_argument("--allow-version-labels-for-unavailable-models", action="store_true",
-                        help="let the config assign a new label to a version not loaded yet (TF Serving's flag)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
-    parser.add_argument("--poll-seconds", type=positive_float, default=1.0,
-                        help="how often to look for new versions (TF Serving: --file_system_poll_wait_seconds)")
-    parser.add_argument("--num-versions", type=positive_int, default=1,
-                        help="with BASE: serve the latest N versions (TF Serving's default policy is latest 1)")
-    parser.add_argument("--workers", type=positive_int, default=8, help="concurrent requests")
-    parser.add_argument("--max-num-load-retries", type=nonnegative_int, default=5,
-                        help="retries of a failed version load before giving up (TF Serving's flag)")
-    parser.add_argument("--load-retry-interval-micros", type=int, default=60_000_000,
-                        help="microseconds between load retries; negative: no wait (TF Serving's flag)")
-    parser.add_argument("--max-message-bytes", type=message_bytes, default=MAX_MESSAGE_BYTES,
-                        help="largest request or response in bytes, gRPC and REST bodies alike (default 2147483647, "
-                             "INT32_MAX, as TF Serving)")
-    parser.add_argument("--rest-api-port", type=port_number, default=0,
-                        help="also serve TF Serving's REST API on this port; 0 (default): no REST, as "
-                             "tensorflow_model_server (its Docker image passes 8501)")
-    parser.add_argument("--monitoring-config-file", default=None,
-                        help="TF Serving's MonitoringConfig text file; with prometheus_config { enable: true } the "
-                             "REST port serves Prometheus metrics at its path (default /monitoring/prometheus/metrics)")
-    parser.add_argument("--enable-batching", action="store_true",
-                        help="merge concurrent requests into one session run (TF Serving's --enable_batching)")
-    parser.add_argument("--batching-parameters-file", default=None,
-                        help="text-format BatchingParameters, e.g. serving/batching.config "
-                             "(default: TF Serving's defaults)")
 
 
 def run(args):

@@ -7,7 +7,6 @@ would write to is absent or unchanged afterwards. The cases run two at a time (o
 
 import concurrent.futures
 import glob
-import importlib
 import os
 import re
 import shutil
@@ -217,8 +216,7 @@ def places(tmp_path_factory):
 
 def _flags_of(command):
     """Every option string of `patchnet COMMAND` (what its --help lists)."""
-    parser = cli.Parser(prog=f"patchnet {command}")
-    importlib.import_module(cli.COMMANDS[command][0]).add_arguments(parser)
+    parser = cli.command_parser(command)
     flags = {flag for action in parser._actions for flag in action.option_strings}
     if command == "bulk":  # and every Beam pipeline option, which bulk passes on
         from apache_beam.options.pipeline_options import PipelineOptions

@@ -3,7 +3,6 @@
 import argparse
 import csv
 import glob
-import importlib
 import json
 import os
 import re
@@ -51,9 +50,7 @@ def test_every_command_has_help_showing_every_default(capsys, command):
     code, out, _ = patchnet(capsys, command, "--help")
     assert code == 0
     assert f"usage: patchnet {command}" in out
-    module = importlib.import_module(cli.COMMANDS[command][0])
-    parser = cli.Parser(prog=command)
-    module.add_arguments(parser)
+    parser = cli.command_parser(command)
     for action in parser._actions:
         assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
         if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
@@ -84,6 +81,73 @@ def test_top_level_help_does_not_load_tensorflow():
         assert "argparse" in imported  # the listing works
         assert not [name for name in imported if name.startswith(("tensorflow", "keras", "patchnet_tf"))], argv
     assert result.returncode == 2 and "invalid choice: 'fly'" in result.stderr
+
+
+def _modules_imported_by(argv):
+    """(exit code, stdout, stderr, every module the `patchnet ARGV` process imported) of the console script."""
+    script = os.path.join(os.path.dirname(sys.executable), "patchnet")
+    result = subprocess.run([script, *argv], env={**os.environ, "PYTHONPATH": ROOT, "PYTHONPROFILEIMPORTTIME": "1"},
+                            capture_output=True, text=True, timeout=120)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    errors = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("import time:"))
+    assert "argparse" in imported  # the listing works
+    return result.returncode, result.stdout, errors, imported
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_help_does_not_load_tensorflow(command):
+    """Each command's flags are declared in TF-free modules, so `patchnet COMMAND --help` answers at once."""
+    code, out, _, imported = _modules_imported_by([command, "--help"])
+    assert code == 0 and f"usage: patchnet {command}" in out
+    assert not [name for name in imported if name.startswith(("tensorflow", "keras", "patchnet_tf"))], command
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "DATA", "--out", "RUN", "--epochs", "many"], "argument --epochs: expected a positive integer"),
+    (["compare", "DATA", "--out", "OUT", "--cell", "100000"], "argument --cell: expected a cell size"),
+    (["serve", "BASE", "--port", "70000"], "argument --port: expected a port number"),
+    (["bulk", "IMAGE", "--model", "RUN", "--out", "OUT", "--stride", "0"], "argument --stride: expected a positive"),
+])
+def test_a_bad_flag_is_refused_before_tensorflow_loads(argv, message):
+    code, _, err, imported = _modules_imported_by(argv)
+    assert code == 2 and err.startswith(f"patchnet {argv[0]}: error: {message}"), err
+    assert not [name for name in imported if name.startswith(("tensorflow", "keras", "patchnet_tf"))], argv
+
+
+def test_generated_flags_default_to_the_settings():
+    """The flags are generated from pipelines/settings.py: train's defaults are the dataclasses' (PAPER),
+    compare's run flags default to the CPU preset and its own to ComparisonSettings'."""
+    import dataclasses
+
+    from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES
+    from pipelines import flags
+    from pipelines.settings import (
+        CPU,
+        PAPER,
+        ComparisonSettings,
+        DataSettings,
+        ModelSettings,
+        TrainingSettings,
+        train_config,
+    )
+    from pipelines.train import train_defaults
+
+    paths = {"data": "DATA", "out": "OUT"}
+    train = vars(cli.command_parser("train").parse_args(["DATA", "--out", "OUT"]))
+    assert train == train_config(ModelSettings(), DataSettings(), TrainingSettings(), **paths)
+    assert train_defaults() == PAPER == {key: value for key, value in train.items() if key not in paths}
+    sweep = vars(cli.command_parser("sweep").parse_args(["DATA", "--out", "OUT"]))
+    assert {key: value for key, value in sweep.items() if key not in ("archs", "patch_sizes", "learning_rates")} == train
+
+    compare = vars(cli.command_parser("compare").parse_args(["DATA", "--out", "OUT"]))
+    for field in dataclasses.fields(ComparisonSettings):
+        assert compare.pop(field.name) == field.default, field.name
+    assert compare.pop("stride") is None  # CPU's stride rule for the padding
+    runs = {key: value for key, value in compare.items() if key not in paths}
+    assert runs and runs == {key: CPU[key] for key in runs}
+    assert CPU == {**PAPER, "image_size": (64, 64), "patch_size": 15, "stride": 3, "padding": "valid", "filters": 16,
+                   "conv_layers": 3, "learning_rate": 3e-3, "batch_size": 8, "epochs": 150}
+    assert flags.DEFAULT_CHUNK_PATCHES == DEFAULT_CHUNK_PATCHES  # export's flag and the library's default
 
 
 def test_start_up_noise_filter_keeps_real_errors():

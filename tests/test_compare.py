@@ -109,6 +109,27 @@ def test_a_missing_mask_split_is_refused_before_training(compared, tmp_path, cap
     assert not out.exists()
 
 
+def test_the_three_run_configs_come_from_the_flags_and_the_settings():
+    from patchnet_tf.cli import command_parser
+    from pipelines.settings import CPU, PAPER
+
+    def configs(*flags):
+        return comparison.run_configs(command_parser("compare").parse_args(["DATA", "--out", "OUT", *flags]))
+
+    runs = configs("--filters", "8", "--seed", "3", "--no-border-patches", "--baseline-batch-size", "32")
+    for arch, config in runs.items():
+        assert set(config) == set(PAPER) | {"data", "out"}, arch  # train_config.json's keys
+        assert (config["arch"], config["out"], config["seed"]) == (arch, os.path.join("OUT", arch), 3)
+        assert config["heatmap_every"] == 0 and config["skip_bad"] is None and config["image_size"] == (64, 64)
+    patchnet = runs["patchnet"]
+    assert (patchnet["filters"], patchnet["stride"], patchnet["border_patches"]) == (8, CPU["stride"], False)
+    assert (patchnet["batch_size"], patchnet["learning_rate"]) == (CPU["batch_size"], CPU["learning_rate"])
+    for arch in ("cam", "vgg11"):  # PatchNet's flags leave the baselines at train's defaults
+        assert (runs[arch]["batch_size"], runs[arch]["learning_rate"]) == (32, 3e-4)
+        assert all(runs[arch][key] == PAPER[key] for key in ("patch_size", "filters", "padding", "border_patches"))
+    assert configs("--padding", "same")["patchnet"]["stride"] is None  # disjoint patches for a same subnet
+
+
 def test_sample_indices_put_class_1_first_and_fill_from_the_other_class():
     labels = np.array([0, 0, 0, 0, 1, 1])
     picks = comparison.sample_indices(labels, 4)

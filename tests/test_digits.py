@@ -122,7 +122,7 @@ def test_refuses_an_image_too_small_for_the_digits(tmp_path):
 def small_digits_run(tmp_path_factory):
     """compare's PatchNet (the CPU preset), shortened: 60 training images per class, 40 epochs."""
     from pipelines.evaluate import load_run, load_split, mask_pairs, masked_heatmaps
-    from pipelines.presets import CPU
+    from pipelines.settings import CPU
     from pipelines.train import train
 
     root = digits.write_digit_dataset(str(tmp_path_factory.mktemp("digits")),

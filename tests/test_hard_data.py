@@ -20,7 +20,7 @@ from pipelines.callbacks import EarlyStoppingAfterPlateau
 from pipelines.data import image_dataset, load_folder_dataset
 from pipelines.evaluate import evaluate
 from pipelines.export import export_saved_model
-from pipelines.presets import CPU
+from pipelines.settings import CPU
 from pipelines.textures import write_texture_dataset
 from pipelines.train import train
 from serving.loader import LoadedModel

@@ -51,6 +51,20 @@ def subnet_filters(model: keras.Model) -> int:
     return max(widths, default=0)
 
 
+def bfloat16_pays(filters: int, *, cpu_flags: frozenset[str] | None = None) -> bool:
+    """Whether a subnet of `filters` filters per conv layer computes faster in bfloat16 on this CPU.
+
+    Args:
+        filters: the subnet's widest convolution.
+        cpu_flags: the CPU's bfloat16 flags (default: read from the CPU).
+
+    Returns:
+        True on a CPU with AMX or AVX512-BF16 for at least `WIDE_SUBNET_FILTERS` filters.
+    """
+    flags = cpu_bfloat16_flags() if cpu_flags is None else cpu_flags
+    return bool(flags) and filters >= WIDE_SUBNET_FILTERS
+
+
 def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[str] | None = None) -> str:
     """`auto`, `float32` or `bfloat16` -> the compute dtype to use for `model` on this CPU.
 
@@ -76,8 +90,7 @@ def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[s
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
     if choice != "auto":
         return choice
-    flags = cpu_bfloat16_flags() if cpu_flags is None else cpu_flags
-    return "bfloat16" if flags and subnet_filters(model) >= WIDE_SUBNET_FILTERS else "float32"
+    return "bfloat16" if bfloat16_pays(subnet_filters(model), cpu_flags=cpu_flags) else "float32"
 
 
 def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:

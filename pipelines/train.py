@@ -36,6 +36,7 @@ from patchnet_tf.augment import Augmentation, AugmentedModel
 from patchnet_tf.errors import PatchNetError, WorkerLost
 from patchnet_tf.heatmaps import check_centred_patch_size
 from patchnet_tf.model import build_patchnet, loss_for, output_classes, smallest_patch_size
+from patchnet_tf.precision import bfloat16_pays
 from patchnet_tf.preprocessing import Preprocessing, channel_statistics
 from patchnet_tf.runs import TRAIN_CONFIG_FILE, read_train_config
 from pipelines.callbacks import (
@@ -183,10 +184,16 @@ def check_flags(config):
     return config
 
 
-def mixed_precision_policy(choice):
-    """--mixed-precision -> a Keras dtype policy name."""
+def mixed_precision_policy(choice, config):
+    """--mixed-precision -> a Keras dtype policy name.
+
+    auto: float16 on a GPU; on a CPU, bfloat16 for a wide PatchNet subnet where the CPU computes it natively
+    (patchnet_tf.precision), else float32. The baselines stay float32 on a CPU, as they were measured."""
     if choice == "auto":
-        return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+        if tf.config.list_physical_devices("GPU"):
+            return "mixed_float16"
+        wide = config["arch"] == "patchnet" and bfloat16_pays(config["filters"])
+        return "mixed_bfloat16" if wide else "float32"
     return {"off": "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}[choice]
 
 
@@ -372,7 +379,7 @@ def train(config):
         atomic_write_text(os.path.join(out, CONFIG_NAME), json.dumps(config, indent=2))
         preprocessing.save(out)
 
-    keras.mixed_precision.set_global_policy(mixed_precision_policy(config["mixed_precision"]))
+    keras.mixed_precision.set_global_policy(mixed_precision_policy(config["mixed_precision"], config))
     try:
         with strategy.scope():
             model = build_model(config, preprocessing.channels, len(dataset.class_names))

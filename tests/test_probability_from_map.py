@@ -1,5 +1,5 @@
 """The image probability read from the stride-1 heatmap: the mean of the map at the centres of the
-patches the classifier averages equals the model's output."""
+patches the classifier averages equals the model's output (and the exported classify signature)."""
 
 import keras
 import numpy as np
@@ -10,6 +10,9 @@ from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import map_patch_centres, probability_from_map
 from patchnet_tf.layers import ExtractPatches, MeanPatchProbability, PatchwiseSubnet
 from patchnet_tf.model import PatchNet
+from patchnet_tf.preprocessing import Preprocessing
+from pipelines.export import write_saved_model
+from serving.loader import LoadedModel
 
 TOLERANCE = 1e-6  # float32
 
@@ -125,3 +128,20 @@ def test_it_runs_inside_a_tf_function():
     traced = tf.function(lambda maps: probability_from_map(model, maps))
     np.testing.assert_allclose(traced(tf.constant(maps)).numpy(), model(images).numpy(), atol=TOLERANCE)
 
+
+@pytest.mark.parametrize("padding, classes", [("same", 1), ("valid", 1), ("valid", 3)])
+def test_exported_heatmap_probability_equals_the_classify_signature(tmp_path, padding, classes):
+    model = _model(9, padding=padding, classes=classes)
+    names = ("a", "b", "c") if classes == 3 else ("benign", "malignant")
+    preprocessing = Preprocessing(image_size=(31, 40), class_names=names)
+    loaded = LoadedModel(write_saved_model(model, preprocessing, str(tmp_path / "export")))
+    try:
+        pixels = np.random.default_rng(3).integers(0, 256, (3, 31, 40, 3)).astype(np.float32)
+        key = "probability" if classes == 1 else "probabilities"
+        classify = loaded.run("classify_images", {"images": pixels})[key]
+        maps = loaded.run("heatmap_images", {"images": pixels})
+        np.testing.assert_allclose(maps[key], classify, rtol=0, atol=TOLERANCE)
+        ours = probability_from_map(model, maps["heatmap"])
+        np.testing.assert_allclose(ours[:, 0] if classes == 1 else ours, classify, rtol=0, atol=TOLERANCE)
+    finally:
+        loaded.close()

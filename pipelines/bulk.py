@@ -3,7 +3,10 @@
 For every input image, the same files `patchnet heatmap` writes
 (`<stem>-heatmap.png`, `<stem>-overlay.png`, same pixels), plus one row
 (path, probability, label, class name) in `results.csv`. Images that cannot
-be read go to `dead-letter.csv` with the reason; the run goes on.
+be read go to `dead-letter.csv` with the reason; the run goes on. The
+probability is read from the map (`probability_from_map`: the mean of the
+map at the centres of the patches the classifier averages), so an image
+costs one map and no second model call wherever the map holds those patches.
 
 The pipeline, one path for every runner:
 
@@ -53,7 +56,7 @@ finally:
 from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.flag_types import positive_int
-from patchnet_tf.heatmaps import output_stems, png_suffixes, write_heatmap_pngs
+from patchnet_tf.heatmaps import output_stems, png_suffixes, probability_from_map, write_heatmap_pngs
 from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import MODEL_FILE, load_trained_model
 
@@ -205,7 +208,10 @@ class PatchNetModelHandler(ModelHandler):
 
     Beam's own TensorFlow handlers call `model(batch)` for one output (and
     import tensorflow_hub); a PatchNet gives a probability and a dense map per
-    image, computed by the same `explain` call `patchnet heatmap` makes.
+    image, the map computed by the same `explain` call `patchnet heatmap`
+    makes and the probability read from it (`probability_from_map`; the
+    model is called only where the map does not hold the classifier's
+    patches, and for CAM / VGG-11 models).
     Examples are (path, stem, prepared image); inferences (probability, heatmap).
     """
 
@@ -229,10 +235,10 @@ class PatchNetModelHandler(ModelHandler):
 
         model, preprocessing = loaded.model, loaded.preprocessing
         inputs = preprocessing.normalize(np.stack([image for _, _, image in batch])).numpy()
-        # (B, 1) probability of class 1, or (B, K) for a K-class model
-        outputs = np.asarray(model(inputs, training=False), np.float32)
-        probabilities = outputs[:, 0] if outputs.shape[-1] == 1 else outputs
         heats = explain(model, inputs, stride=self.stride)
+        # (B, 1) probability of class 1, or (B, K) for a K-class model
+        outputs = probability_from_map(model, heats, stride=self.stride, images=inputs)
+        probabilities = outputs[:, 0] if outputs.shape[-1] == 1 else outputs
         return [PredictionResult(example, (probability, heat))
                 for example, probability, heat in zip(batch, probabilities, heats)]
 
@@ -252,14 +258,12 @@ class WriteOutputs(beam.DoFn):
 
     def process(self, result):
         (path, stem, image), (probability, heat) = result.example, result.inference
+        from pipelines.heatmaps import classification
+
         write_heatmap_pngs(os.path.join(self.out, stem), heat, self.class_names, image)  # output_paths' PNGs
         row_file = output_paths(self.out, stem, self.class_names)[-1]
-        if np.ndim(probability) == 0:  # as the classify signature: label = probability >= 0.5
-            label = int(probability >= 0.5)
-        else:  # K classes: the most probable one, and its probability
-            label = int(np.argmax(probability))
-            probability = probability[label]
-        row = [path, f"{float(probability):.9g}", str(label), self.class_names[label]]
+        probability, label, name = classification(probability, self.class_names)
+        row = [path, f"{probability:.9g}", str(label), name]
         atomic_write_text(row_file, _csv_line(row))
         DONE.inc()
         yield row

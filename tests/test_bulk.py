@@ -189,3 +189,40 @@ def test_bulk_on_a_k_class_model_writes_a_map_per_class_and_the_most_probable_cl
     for row, expected_row in zip(read_csv(tmp_path / "bulk" / bulk.RESULTS_FILE), probabilities):
         assert row["class_name"] == names[int(np.argmax(expected_row))]
         assert abs(float(row["probability"]) - expected_row.max()) < 1e-5
+
+
+def test_results_and_patchnet_heatmap_print_the_models_probability_read_from_the_map(capsys, archive, run_dir,
+                                                                                  first_run, tmp_path):
+    _, good, _ = archive
+    _, _, out = first_run
+    rows = read_csv(out / bulk.RESULTS_FILE)
+    model, preprocessing = load_trained_model(str(run_dir))
+    inputs = np.stack([preprocessing(read_image(path)).numpy() for path in sorted(good)])
+    probabilities = np.asarray(model(inputs, training=False))[:, 0]  # the classifier's own pass
+    np.testing.assert_allclose([float(row["probability"]) for row in rows], probabilities, rtol=0, atol=1e-6)
+
+    code, stdout, _ = patchnet(capsys, "heatmap", *sorted(good), "--model", str(run_dir),
+                               "--out", str(tmp_path / "single"))
+    assert code == 0
+    for row in rows:  # one line per image, the probability and label of its results.csv row
+        line = next(line for line in stdout.splitlines() if line.startswith(row["path"] + ": "))
+        printed = float(line.split("probability ")[1].split(",")[0])
+        assert abs(printed - float(row["probability"])) < 1e-6
+        assert line.endswith(f"label {row['label']} ({row['class_name']})")
+
+
+def test_the_handler_reads_the_probability_from_the_map_with_no_second_model_call(run_dir, monkeypatch):
+    handler = bulk.PatchNetModelHandler(str(run_dir / "model.keras"))
+    loaded = handler.load_model()
+    images = np.random.default_rng(3).random((3, 32, 32, 3), np.float32)
+    inputs = loaded.preprocessing.normalize(images).numpy()
+    expected = np.asarray(loaded.model(inputs, training=False))[:, 0]
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("the classifier ran beside the map")
+
+    monkeypatch.setattr(loaded.model, "call", no_call)
+    results = handler.run_inference([("p", f"s{index}", image) for index, image in enumerate(images)], loaded)
+    np.testing.assert_allclose([result.inference[0] for result in results], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.stack([result.inference[1] for result in results]),
+                                  heatmap(loaded.model, inputs))

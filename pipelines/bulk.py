@@ -21,7 +21,8 @@ image is done no pipeline starts and no model is loaded. A run killed
 half-way leaves whole files only, so the same command finishes the job.
 
 Runners: `--runner DirectRunner` (default) runs in one process per core here
-(`direct_running_mode=multi_processing`); any other Beam option given as
+(`direct_running_mode=multi_processing`), each with its share of the cores
+for TensorFlow's thread pools (`--tf-threads`); any other Beam option given as
 `--name=value` goes to Beam as is (`--runner=FlinkRunner
 --flink_master=...`, Spark, Dataflow; docs/bulk.md). The inputs and `--out`
 must be paths every worker sees (a shared file system).
@@ -32,10 +33,12 @@ import csv
 import dataclasses
 import glob
 import io
+import json
 import logging
 import os
 import threading
 import time
+import zipfile
 
 import numpy as np
 
@@ -88,6 +91,9 @@ def add_arguments(parser):
                         help="a Beam runner; any other Beam pipeline option passes through as --name=value")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="DirectRunner worker processes (Beam's direct_num_workers)")
+    parser.add_argument("--tf-threads", type=positive_int, default=None,
+                        help="TensorFlow intra- and inter-op threads per worker (default: DirectRunner: the "
+                             "cores divided among the workers; other runners: TensorFlow's default)")
 
 
 def parse_arguments(parser, argv):
@@ -176,13 +182,30 @@ def write_table(path, columns, rows):
 
 # --- the Beam pieces ---------------------------------------------------------------------
 
+def set_tf_threads(threads):
+    """Sizes this process's TensorFlow thread pools (intra- and inter-op) to `threads`; None leaves
+    TensorFlow's default (one thread per core of the machine in each pool).
+
+    Must run before the process's first TensorFlow op: Decode's and the model handler's setup both call
+    it, whichever Beam runs first (setting the same value again is a no-op)."""
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 class Decode(beam.DoFn):
     """(path, stem) -> (path, stem, prepared image); an unreadable image -> the dead-letter output."""
 
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, preprocessing):
+    def __init__(self, preprocessing, threads=None):
         self.preprocessing = preprocessing
+        self.threads = threads
+
+    def setup(self):
+        set_tf_threads(self.threads)  # decoding runs TensorFlow ops (resize), maybe before the model loads
 
     def process(self, element):
         from pipelines.heatmaps import prepare_image
@@ -222,12 +245,7 @@ class PatchNetModelHandler(ModelHandler):
         self.threads = threads
 
     def load_model(self):
-        if self.threads:
-            import tensorflow as tf
-
-            # Worker processes sharing one machine: each takes its share of the cores, not all of them.
-            # Setup runs before this worker's first TF op, so TF's thread pools do not exist yet.
-            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+        set_tf_threads(self.threads)  # worker processes sharing one machine: each takes its share of the cores
         return LoadedModel(*load_trained_model(self.model_path))
 
     def run_inference(self, batch, loaded, inference_args=None):
@@ -288,7 +306,7 @@ def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out,
     decoded = (
         pipeline
         | "Images to do" >> beam.Create(todo)
-        | "Decode" >> beam.ParDo(Decode(preprocessing)).with_outputs(Decode.DEAD_LETTER, main="images")
+        | "Decode" >> beam.ParDo(Decode(preprocessing, threads)).with_outputs(Decode.DEAD_LETTER, main="images")
     )
     predictions, inference_failures = (
         decoded.images
@@ -328,13 +346,35 @@ def pipeline_options(args):
     return PipelineOptions(flags)
 
 
-def threads_per_worker(options):
-    """TF threads per DirectRunner worker: the workers share this machine's cores, so each takes its share
-    rather than all of them (n workers of n threads each would run n^2 threads on n cores; on 2 cores
-    bench/bulk.py measured the same CPU time per image either way). Other runners: TF's default."""
+def threads_per_worker(options, tf_threads=None):
+    """TF threads (intra- and inter-op) per worker: `--tf-threads` if given; for DirectRunner workers,
+    which share this machine's cores, each its share rather than all of them (n workers of n threads
+    each would run n^2 threads on n cores); other runners: None, TF's default on each worker machine."""
+    if tf_threads:
+        return tf_threads
     if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
         return None
     return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
+
+
+def check_model_file(path):
+    """The driver's check that the workers can load the model, without loading it (no TensorFlow
+    session, no weights read): a .keras archive with its config and weights entries. Other formats
+    are loaded (`load_trained_model`). A model that passes and still fails to load fails the workers."""
+    if not path.endswith(".keras"):
+        load_trained_model(path)
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            config = json.loads(archive.read("config.json"))
+    except zipfile.BadZipFile:  # the words of load_trained_model
+        raise PatchNetError(f"{path}: not a .keras archive (truncated or not a zip file); train or copy it again"
+                            ) from None
+    except (KeyError, ValueError, OSError) as error:
+        raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
+    if not isinstance(config, dict) or "class_name" not in config or "model.weights.h5" not in names:
+        raise PatchNetError(f"{path}: not a loadable Keras model (no model config or no model.weights.h5)")
 
 
 class RowFileProgress:
@@ -407,7 +447,7 @@ def run(args):
         write_table(os.path.join(out, DEAD_LETTER_FILE), DEAD_LETTER_COLUMNS, [])
         print(f"bulk: all {len(paths)} image(s) already have outputs in {args.out}; nothing to do")
         return 0
-    load_trained_model(model_file)  # a model the workers cannot load is one line here, not a worker traceback
+    check_model_file(model_file)  # a model the workers cannot load is one line here, not a worker traceback
     os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)  # after every check: a refused run leaves no folder
     print(f"bulk: {len(todo)} image(s) to do, {len(done_rows)} already done; runner {args.runner}", flush=True)
     # The local job service relays every worker's start-up warnings; failures still raise.
@@ -415,7 +455,8 @@ def run(args):
     options = pipeline_options(args)
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, todo, done_rows, model_path=os.path.abspath(model_file), preprocessing=preprocessing,
-                   out=out, stride=args.stride, batch_size=args.batch_size, threads=threads_per_worker(options))
+                   out=out, stride=args.stride, batch_size=args.batch_size,
+                   threads=threads_per_worker(options, args.tf_threads))
     with RowFileProgress(out, len(paths), len(done_rows)):
         result = pipeline.run()
         result.wait_until_finish()

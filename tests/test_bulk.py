@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import os
+import zipfile
 
 import cv2
 import numpy as np
@@ -209,6 +210,60 @@ def test_results_and_patchnet_heatmap_print_the_models_probability_read_from_the
         printed = float(line.split("probability ")[1].split(",")[0])
         assert abs(printed - float(row["probability"])) < 1e-6
         assert line.endswith(f"label {row['label']} ({row['class_name']})")
+
+
+def test_the_driver_checks_the_model_file_without_loading_it(capsys, archive, run_dir, monkeypatch, tmp_path):
+    def no_load(path):
+        raise AssertionError("the driver loaded the model")
+
+    monkeypatch.setattr(bulk, "load_trained_model", no_load)
+    bulk.check_model_file(str(run_dir / "model.keras"))  # a good archive passes without a load
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "preprocessing.json").write_text((run_dir / "preprocessing.json").read_text())
+    with zipfile.ZipFile(bad / "model.keras", "w") as archive_file:
+        archive_file.writestr("metadata.json", "{}")  # a zip, but no config or weights
+    for content, message in [(None, "not a loadable Keras model"), (b"not a zip", "not a .keras archive")]:
+        if content is not None:
+            (bad / "model.keras").write_bytes(content)
+        code, _, err = patchnet(capsys, "bulk", archive[1][0], "--model", str(bad), "--out", str(tmp_path / "o"))
+        assert code == 2
+        (line,) = err.strip().splitlines()
+        assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_tf_threads_per_worker_default_to_a_share_of_the_cores_and_follow_the_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bulk.add_arguments(parser)
+
+    def threads(*flags):
+        args = bulk.parse_arguments(parser, ["x.png", "--model", "m", "--out", "o", *flags])
+        return bulk.threads_per_worker(bulk.pipeline_options(args), args.tf_threads)
+
+    cores = os.cpu_count() or 1
+    assert threads("--workers", "1") == cores
+    assert threads("--workers", str(2 * cores)) == 1
+    assert threads("--workers", "2", "--tf-threads", "3") == 3
+    assert threads("--runner", "FlinkRunner") is None  # each worker machine's own default
+    assert threads("--runner", "FlinkRunner", "--tf-threads", "4") == 4
+
+
+def test_set_tf_threads_sizes_both_pools_of_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from pipelines.bulk import set_tf_threads; import tensorflow as tf; set_tf_threads(1); "
+            "tf.constant(1.0) + 1; set_tf_threads(1); "  # the second call, after the first op: a no-op
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == ["1", "1"]
 
 
 def test_the_handler_reads_the_probability_from_the_map_with_no_second_model_call(run_dir, monkeypatch):

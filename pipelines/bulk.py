@@ -357,24 +357,33 @@ def threads_per_worker(options, tf_threads=None):
     return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
 
 
+WEIGHTS_ENTRY = "model.weights.h5"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def check_model_file(path):
-    """The driver's check that the workers can load the model, without loading it (no TensorFlow
-    session, no weights read): a .keras archive with its config and weights entries. Other formats
-    are loaded (`load_trained_model`). A model that passes and still fails to load fails the workers."""
+    """The driver's check that the workers can load the model, without loading it (no TensorFlow,
+    no model built): a .keras archive whose entries pass their CRC checks, with a model config and
+    an HDF5 weights file. Other formats are loaded (`load_trained_model`). A model that passes and
+    still fails to load stops the workers, with the loader's error at the end of Beam's traceback."""
     if not path.endswith(".keras"):
         load_trained_model(path)
         return
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
+            damaged = archive.testzip()  # reads every entry (the weights: a few MB) and checks its CRC
             config = json.loads(archive.read("config.json"))
+            with archive.open(WEIGHTS_ENTRY) as weights:
+                signature = weights.read(len(HDF5_SIGNATURE))
     except zipfile.BadZipFile:  # the words of load_trained_model
         raise PatchNetError(f"{path}: not a .keras archive (truncated or not a zip file); train or copy it again"
                             ) from None
-    except (KeyError, ValueError, OSError) as error:
+    except (KeyError, ValueError, OSError, EOFError) as error:
         raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
-    if not isinstance(config, dict) or "class_name" not in config or "model.weights.h5" not in names:
-        raise PatchNetError(f"{path}: not a loadable Keras model (no model config or no model.weights.h5)")
+    if damaged is not None:
+        raise PatchNetError(f"{path}: not a loadable Keras model ({damaged} is damaged); train or copy it again")
+    if not isinstance(config, dict) or "class_name" not in config or signature != HDF5_SIGNATURE:
+        raise PatchNetError(f"{path}: not a loadable Keras model (no model config, or {WEIGHTS_ENTRY} is not HDF5)")
 
 
 class RowFileProgress:

@@ -224,8 +224,16 @@ def test_the_driver_checks_the_model_file_without_loading_it(capsys, archive, ru
     (bad / "preprocessing.json").write_text((run_dir / "preprocessing.json").read_text())
     with zipfile.ZipFile(bad / "model.keras", "w") as archive_file:
         archive_file.writestr("metadata.json", "{}")  # a zip, but no config or weights
-    for content, message in [(None, "not a loadable Keras model"), (b"not a zip", "not a .keras archive")]:
-        if content is not None:
+    with zipfile.ZipFile(run_dir / "model.keras") as good:  # the config, but weights that are not HDF5
+        config = good.read("config.json")
+    with zipfile.ZipFile(bad / "model2.keras", "w") as archive_file:
+        archive_file.writestr("config.json", config)
+        archive_file.writestr("model.weights.h5", b"garbage")
+    for content, message in [(None, "not a loadable Keras model"), ("model2.keras", "is not HDF5"),
+                             (b"not a zip", "not a .keras archive")]:
+        if isinstance(content, str):
+            os.replace(bad / content, bad / "model.keras")
+        elif content is not None:
             (bad / "model.keras").write_bytes(content)
         code, _, err = patchnet(capsys, "bulk", archive[1][0], "--model", str(bad), "--out", str(tmp_path / "o"))
         assert code == 2

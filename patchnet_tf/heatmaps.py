@@ -33,7 +33,12 @@ import tensorflow as tf
 
 from patchnet_tf.atomic import write_png
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.layers import apply_fully_convolutional, fully_convolutional_layers
+from patchnet_tf.layers import (
+    ConvolutionalPatchwiseSubnet,
+    ExtractPatches,
+    apply_fully_convolutional,
+    fully_convolutional_layers,
+)
 from patchnet_tf.model import patch_geometry
 
 # Patches per subnet call on the per-patch path. bench/heatmap.py on 2 cores
@@ -307,6 +312,124 @@ def heatmap(
     called as each band of n rows of a map is done: progress on large images.
     """
     return _patch_maps(model, images, None, stride, chunk_patches, band_pixels, on_rows)
+
+
+def _patch_grid(model):
+    """(patch_size, stride, padding, region) of the patches a PatchNet's classifier averages;
+    None for a model without them (CAM, VGG-11)."""
+    for layer in model.layers:
+        if isinstance(layer, ExtractPatches):
+            return layer.patch_size, layer.stride, layer.padding, layer.region
+        if isinstance(layer, ConvolutionalPatchwiseSubnet):  # tf.image.extract_patches' SAME grid
+            return layer.patch_size, layer.stride, "SAME", layer.region
+    return None
+
+
+def _axis_centres(size, patch_size, stride, padding, region, map_stride):
+    """The classifier's patch centres along one image axis of `size` pixels; raises PatchNetError."""
+    if region is not None and region > size:
+        raise PatchNetError(f"the model's region ({region}) is larger than the image ({size})")
+    crop = size if region is None else region
+    offset = (size - crop) // 2  # layers.central_crop
+    if padding == "SAME":  # ceil(n / s) patches, the zero padding split with the smaller half first
+        count = -(-crop // stride)
+        total = max((count - 1) * stride + patch_size - crop, 0)
+        before, after = total // 2, total - total // 2
+    else:
+        count = (crop - patch_size) // stride + 1 if crop >= patch_size else 0
+        before = after = 0
+    if count < 1:
+        raise PatchNetError(f"the image ({size}) is smaller than a patch ({patch_size}): the model has no patch")
+    if (before and offset > 0) or (after and offset + crop < size):
+        raise PatchNetError("the model zero-pads patches at the border of its region, where the map sees the "
+                            "image's pixels")
+    # Patch i covers crop rows i*s - before ... i*s - before + p - 1; p is odd, so it has a centre pixel,
+    # and with at most (p - 1) / 2 rows of padding on a side that centre is inside the image.
+    centres = offset + np.arange(count) * stride - before + patch_size // 2
+    if np.any(centres % map_stride != map_stride // 2):
+        raise PatchNetError(f"the map's stride {map_stride} does not evaluate the classifier's patch centres")
+    return centres
+
+
+def map_patch_centres(model, height, width, *, stride=1):
+    """Where the classifier's patches sit in a heatmap: the pixels they are centred on.
+
+    PatchNet's image probability is the mean of the probabilities of the
+    patches `ExtractPatches` cuts (stride s, SAME zero padding split with the
+    smaller half first, or VALID; after `region`'s central crop), and a
+    heatmap holds, at every pixel, the probability of the zero-padded patch
+    centred there. So the map holds every classifier patch of a `same` or
+    `valid` model at any image size and model stride: patch i along an axis
+    is centred at i*s - pad_before + p // 2, always inside the image. A map of
+    stride t holds the patch centred at c when c % t == t // 2.
+
+    Args:
+        model: a PatchNet (`build_patchnet`).
+        height, width: the size of the images the maps are of.
+        stride: the maps' stride (`heatmap(..., stride=)`).
+
+    Returns:
+        (rows, cols): int arrays; the classifier's patches are centred at
+        every (rows[i], cols[j]), in its row-major order.
+
+    Raises:
+        PatchNetError, with the reason, where the map does not hold them:
+        a model without patches (CAM, VGG-11); a map stride that misses
+        patch centres; a `region` whose border patches the model zero-pads
+        where the map sees image pixels, or larger than the image; an image
+        smaller than a VALID patch (the model has no patch to average).
+    """
+    grid = _patch_grid(model)
+    if grid is None:
+        raise PatchNetError("the model is not a PatchNet: it has no patches to read from a map")
+    patch_size, model_stride, padding, region = grid
+    check_centred_patch_size(patch_size)
+    region = region or (None, None)
+    return tuple(
+        _axis_centres(size, patch_size, model_stride, padding, crop, stride)
+        for size, crop in ((height, region[0]), (width, region[1]))
+    )
+
+
+def probability_from_map(model, maps, *, stride=1, images=None):
+    """The model's output on the images, read from their heatmaps: the mean of the map at the
+    classifier's patch centres (`map_patch_centres`), with no second model call.
+
+    Equal to `model(images)` to float32 rounding: the map's value at a patch
+    centre is the subnet on that very patch (exact on both heatmap paths),
+    and the mean is taken over the same (B, L, K) values in the same order
+    as `MeanPatchProbability`. Works eagerly and inside a `tf.function`.
+
+    Args:
+        model: a PatchNet, or any classifier when `images` is given.
+        maps: (B, H, W) maps of a binary model or (B, H, W, K) of a K-class
+            model, as `heatmap(model, images, stride=stride)` returns them.
+        stride: the maps' stride.
+        images: the model inputs the maps are of; where the maps do not hold
+            the classifier's patches (see `map_patch_centres`' Raises), the
+            probability is `model(images)`, one model call.
+
+    Returns:
+        (B, 1) float32 P(class 1 | image) of a binary model, (B, K) of a
+        K-class model, like `model(images)`; numpy when run eagerly.
+
+    Raises:
+        PatchNetError: the maps do not hold the patches and `images` is None.
+    """
+    height, width = maps.shape[1], maps.shape[2]
+    try:
+        rows, cols = map_patch_centres(model, height, width, stride=stride)
+    except PatchNetError:
+        if images is None:
+            raise
+        probabilities = tf.cast(model(images, training=False), tf.float32)
+    else:
+        maps = tf.convert_to_tensor(maps, tf.float32)
+        if maps.shape.rank == 3:
+            maps = maps[..., None]
+        values = tf.gather(tf.gather(maps, rows, axis=1), cols, axis=2)
+        probabilities = tf.reduce_mean(tf.reshape(values, [tf.shape(maps)[0], -1, maps.shape[-1]]), axis=1)
+    return probabilities.numpy() if tf.executing_eagerly() else probabilities
 
 
 def filter_heatmaps(

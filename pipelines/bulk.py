@@ -3,7 +3,10 @@
 For every input image, the same files `patchnet heatmap` writes
 (`<stem>-heatmap.png`, `<stem>-overlay.png`, same pixels), plus one row
 (path, probability, label, class name) in `results.csv`. Images that cannot
-be read go to `dead-letter.csv` with the reason; the run goes on.
+be read go to `dead-letter.csv` with the reason; the run goes on. The
+probability is read from the map (`probability_from_map`: the mean of the
+map at the centres of the patches the classifier averages), so an image
+costs one map and no second model call wherever the map holds those patches.
 
 The pipeline, one path for every runner:
 
@@ -18,7 +21,8 @@ image is done no pipeline starts and no model is loaded. A run killed
 half-way leaves whole files only, so the same command finishes the job.
 
 Runners: `--runner DirectRunner` (default) runs in one process per core here
-(`direct_running_mode=multi_processing`); any other Beam option given as
+(`direct_running_mode=multi_processing`), each with its share of the cores
+for TensorFlow's thread pools (`--tf-threads`); any other Beam option given as
 `--name=value` goes to Beam as is (`--runner=FlinkRunner
 --flink_master=...`, Spark, Dataflow; docs/bulk.md). The inputs and `--out`
 must be paths every worker sees (a shared file system).
@@ -28,10 +32,12 @@ import csv
 import dataclasses
 import glob
 import io
+import json
 import logging
 import os
 import threading
 import time
+import zipfile
 
 import numpy as np
 
@@ -51,7 +57,7 @@ finally:
 
 from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import output_stems, png_suffixes, write_heatmap_pngs
+from patchnet_tf.heatmaps import output_stems, png_suffixes, probability_from_map, write_heatmap_pngs
 from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import MODEL_FILE, load_trained_model
 
@@ -130,13 +136,30 @@ def write_table(path, columns, rows):
 
 # --- the Beam pieces ---------------------------------------------------------------------
 
+def set_tf_threads(threads):
+    """Sizes this process's TensorFlow thread pools (intra- and inter-op) to `threads`; None leaves
+    TensorFlow's default (one thread per core of the machine in each pool).
+
+    Must run before the process's first TensorFlow op: Decode's and the model handler's setup both call
+    it, whichever Beam runs first (setting the same value again is a no-op)."""
+    if threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 class Decode(beam.DoFn):
     """(path, stem) -> (path, stem, prepared image); an unreadable image -> the dead-letter output."""
 
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, preprocessing):
+    def __init__(self, preprocessing, threads=None):
         self.preprocessing = preprocessing
+        self.threads = threads
+
+    def setup(self):
+        set_tf_threads(self.threads)  # decoding runs TensorFlow ops (resize), maybe before the model loads
 
     def process(self, element):
         from pipelines.heatmaps import prepare_image
@@ -162,7 +185,10 @@ class PatchNetModelHandler(ModelHandler):
 
     Beam's own TensorFlow handlers call `model(batch)` for one output (and
     import tensorflow_hub); a PatchNet gives a probability and a dense map per
-    image, computed by the same `explain` call `patchnet heatmap` makes.
+    image, the map computed by the same `explain` call `patchnet heatmap`
+    makes and the probability read from it (`probability_from_map`; the
+    model is called only where the map does not hold the classifier's
+    patches, and for CAM / VGG-11 models).
     Examples are (path, stem, prepared image); inferences (probability, heatmap).
     """
 
@@ -173,12 +199,7 @@ class PatchNetModelHandler(ModelHandler):
         self.threads = threads
 
     def load_model(self):
-        if self.threads:
-            import tensorflow as tf
-
-            # Worker processes sharing one machine: each takes its share of the cores, not all of them.
-            # Setup runs before this worker's first TF op, so TF's thread pools do not exist yet.
-            tf.config.threading.set_intra_op_parallelism_threads(self.threads)
+        set_tf_threads(self.threads)  # worker processes sharing one machine: each takes its share of the cores
         return LoadedModel(*load_trained_model(self.model_path))
 
     def run_inference(self, batch, loaded, inference_args=None):
@@ -186,10 +207,10 @@ class PatchNetModelHandler(ModelHandler):
 
         model, preprocessing = loaded.model, loaded.preprocessing
         inputs = preprocessing.normalize(np.stack([image for _, _, image in batch])).numpy()
-        # (B, 1) probability of class 1, or (B, K) for a K-class model
-        outputs = np.asarray(model(inputs, training=False), np.float32)
-        probabilities = outputs[:, 0] if outputs.shape[-1] == 1 else outputs
         heats = explain(model, inputs, stride=self.stride)
+        # (B, 1) probability of class 1, or (B, K) for a K-class model
+        outputs = probability_from_map(model, heats, stride=self.stride, images=inputs)
+        probabilities = outputs[:, 0] if outputs.shape[-1] == 1 else outputs
         return [PredictionResult(example, (probability, heat))
                 for example, probability, heat in zip(batch, probabilities, heats)]
 
@@ -209,14 +230,12 @@ class WriteOutputs(beam.DoFn):
 
     def process(self, result):
         (path, stem, image), (probability, heat) = result.example, result.inference
+        from pipelines.heatmaps import classification
+
         write_heatmap_pngs(os.path.join(self.out, stem), heat, self.class_names, image)  # output_paths' PNGs
         row_file = output_paths(self.out, stem, self.class_names)[-1]
-        if np.ndim(probability) == 0:  # as the classify signature: label = probability >= 0.5
-            label = int(probability >= 0.5)
-        else:  # K classes: the most probable one, and its probability
-            label = int(np.argmax(probability))
-            probability = probability[label]
-        row = [path, f"{float(probability):.9g}", str(label), self.class_names[label]]
+        probability, label, name = classification(probability, self.class_names)
+        row = [path, f"{probability:.9g}", str(label), name]
         atomic_write_text(row_file, _csv_line(row))
         DONE.inc()
         yield row
@@ -241,7 +260,7 @@ def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out,
     decoded = (
         pipeline
         | "Images to do" >> beam.Create(todo)
-        | "Decode" >> beam.ParDo(Decode(preprocessing)).with_outputs(Decode.DEAD_LETTER, main="images")
+        | "Decode" >> beam.ParDo(Decode(preprocessing, threads)).with_outputs(Decode.DEAD_LETTER, main="images")
     )
     predictions, inference_failures = (
         decoded.images
@@ -281,13 +300,44 @@ def pipeline_options(args):
     return PipelineOptions(flags)
 
 
-def threads_per_worker(options):
-    """TF threads per DirectRunner worker: the workers share this machine's cores, so each takes its share
-    rather than all of them (n workers of n threads each would run n^2 threads on n cores; on 2 cores
-    bench/bulk.py measured the same CPU time per image either way). Other runners: TF's default."""
+def threads_per_worker(options, tf_threads=None):
+    """TF threads (intra- and inter-op) per worker: `--tf-threads` if given; for DirectRunner workers,
+    which share this machine's cores, each its share rather than all of them (n workers of n threads
+    each would run n^2 threads on n cores); other runners: None, TF's default on each worker machine."""
+    if tf_threads:
+        return tf_threads
     if options.view_as(StandardOptions).runner not in ("DirectRunner", "direct"):
         return None
     return max(1, (os.cpu_count() or 1) // options.view_as(DirectOptions).direct_num_workers)
+
+
+WEIGHTS_ENTRY = "model.weights.h5"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_model_file(path):
+    """The driver's check that the workers can load the model, without loading it (no TensorFlow,
+    no model built): a .keras archive whose entries pass their CRC checks, with a model config and
+    an HDF5 weights file. Other formats are loaded (`load_trained_model`). A model that passes and
+    still fails to load stops the workers, with the loader's error at the end of Beam's traceback."""
+    if not path.endswith(".keras"):
+        load_trained_model(path)
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every entry (the weights: a few MB) and checks its CRC
+            config = json.loads(archive.read("config.json"))
+            with archive.open(WEIGHTS_ENTRY) as weights:
+                signature = weights.read(len(HDF5_SIGNATURE))
+    except zipfile.BadZipFile:  # the words of load_trained_model
+        raise PatchNetError(f"{path}: not a .keras archive (truncated or not a zip file); train or copy it again"
+                            ) from None
+    except (KeyError, ValueError, OSError, EOFError) as error:
+        raise PatchNetError(f"{path}: not a loadable Keras model ({type(error).__name__}: {error})") from None
+    if damaged is not None:
+        raise PatchNetError(f"{path}: not a loadable Keras model ({damaged} is damaged); train or copy it again")
+    if not isinstance(config, dict) or "class_name" not in config or signature != HDF5_SIGNATURE:
+        raise PatchNetError(f"{path}: not a loadable Keras model (no model config, or {WEIGHTS_ENTRY} is not HDF5)")
 
 
 class RowFileProgress:
@@ -360,7 +410,7 @@ def run(args):
         write_table(os.path.join(out, DEAD_LETTER_FILE), DEAD_LETTER_COLUMNS, [])
         print(f"bulk: all {len(paths)} image(s) already have outputs in {args.out}; nothing to do")
         return 0
-    load_trained_model(model_file)  # a model the workers cannot load is one line here, not a worker traceback
+    check_model_file(model_file)  # a model the workers cannot load is one line here, not a worker traceback
     os.makedirs(os.path.join(out, ROWS_FOLDER), exist_ok=True)  # after every check: a refused run leaves no folder
     print(f"bulk: {len(todo)} image(s) to do, {len(done_rows)} already done; runner {args.runner}", flush=True)
     # The local job service relays every worker's start-up warnings; failures still raise.
@@ -368,7 +418,8 @@ def run(args):
     options = pipeline_options(args)
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, todo, done_rows, model_path=os.path.abspath(model_file), preprocessing=preprocessing,
-                   out=out, stride=args.stride, batch_size=args.batch_size, threads=threads_per_worker(options))
+                   out=out, stride=args.stride, batch_size=args.batch_size,
+                   threads=threads_per_worker(options, args.tf_threads))
     with RowFileProgress(out, len(paths), len(done_rows)):
         result = pipeline.run()
         result.wait_until_finish()

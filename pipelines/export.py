@@ -20,7 +20,10 @@ traced into the graph, so the server sees what training saw. `images` inputs
 are 0..255 at any size; they are scaled to [0, 1] and resized in the graph.
 The heatmap runs one image at a time and, inside each image, bands of
 patches (`patchnet_tf.heatmaps.dense_heatmap_fn`), so memory stays bounded
-whatever the batch. The graph is float32 (a mixed-precision model is rebuilt
+whatever the batch. The heatmap signatures read the probability from the
+map (`patchnet_tf.heatmaps.probability_from_map`: the mean of the map at the
+patches the classifier averages) wherever the map holds those patches, so
+they run the model once, not twice. The graph is float32 (a mixed-precision model is rebuilt
 in float32 with the same weights), has no XLA clusters, and uses only ops
 registered in core TensorFlow, so the stock `tensorflow_model_server` runs it.
 """
@@ -34,7 +37,12 @@ import tensorflow as tf
 
 from patchnet_tf.atomic import check_output_path
 from patchnet_tf.errors import PatchNetError
-from patchnet_tf.heatmaps import DEFAULT_CHUNK_PATCHES, dense_heatmap_fn
+from patchnet_tf.heatmaps import (
+    DEFAULT_CHUNK_PATCHES,
+    dense_heatmap_fn,
+    map_patch_centres,
+    probability_from_map,
+)
 from patchnet_tf.preprocessing import decode_image, encoded_image_size
 from patchnet_tf.runs import load_trained_model
 from pipelines.flags import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
@@ -144,6 +152,14 @@ class ServingModule:
                 f"{len(preprocessing.class_names)}: {', '.join(preprocessing.class_names)}"
             )
         self._map_shape = [height, width] + ([self.classes] if self.classes > 1 else [])
+        # Every input is resized to (height, width), so whether the map holds the patches the classifier
+        # averages is known here; where it does not (map_patch_centres says why), the model is called.
+        self.heatmap_stride = heatmap_stride
+        try:
+            map_patch_centres(self.model, height, width, stride=heatmap_stride)
+            self.probability_in_map = True
+        except PatchNetError:
+            self.probability_in_map = False
 
     # -- shared pieces -------------------------------------------------------
     def decode(self, image_bytes):
@@ -212,9 +228,14 @@ class ServingModule:
         return {"probability": probability, "label": label}
 
     def heatmap_outputs(self, inputs):
+        maps = self.heatmaps(inputs)
+        if self.probability_in_map:  # the mean of the map at the classifier's patch centres: no model call
+            probabilities = probability_from_map(self.model, maps, stride=self.heatmap_stride)
+        else:
+            probabilities = self.probabilities(inputs)
         if self.classes > 1:
-            return {"heatmap": self.heatmaps(inputs), "probabilities": self.probabilities(inputs)}
-        return {"heatmap": self.heatmaps(inputs), "probability": self.probability(inputs)}
+            return {"heatmap": maps, "probabilities": probabilities}
+        return {"heatmap": maps, "probability": probabilities[:, 0]}
 
     # -- the signatures ------------------------------------------------------
     def classify(self, image_bytes):

@@ -196,6 +196,9 @@ def add_bulk_arguments(parser):
                         help="a Beam runner; any other Beam pipeline option passes through as --name=value")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="DirectRunner worker processes (Beam's direct_num_workers)")
+    parser.add_argument("--tf-threads", type=positive_int, default=None,
+                        help="TensorFlow intra- and inter-op threads per worker (default: DirectRunner: the "
+                             "cores divided among the workers; other runners: TensorFlow's default)")
 
 
 def parse_bulk_arguments(parser, argv):

@@ -7,6 +7,10 @@ A K-class model (docs/k-classes.md) writes `<stem>-heatmap-<class>.png` and
 `<stem>-overlay-<class>.png` per class (white = that class) and
 `<stem>-classes.png`, every class's evidence in one colour map (class 0 black,
 then red, green, blue, ...: the probability-weighted mix of the class colours).
+
+It also prints each image's probability and label, as `patchnet bulk`'s
+results.csv has them, read from the map (`probability_from_map`) at no extra
+cost wherever the map holds the classifier's patches.
 """
 
 import os
@@ -17,7 +21,13 @@ from patchnet_tf.atomic import check_output_path, write_png
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.explain import explain
-from patchnet_tf.heatmaps import filter_heatmaps, heatmap_to_gray, output_stems, write_heatmap_pngs
+from patchnet_tf.heatmaps import (
+    filter_heatmaps,
+    heatmap_to_gray,
+    output_stems,
+    probability_from_map,
+    write_heatmap_pngs,
+)
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
@@ -59,6 +69,18 @@ def prepare_image(path, preprocessing):
     return preprocessing.prepare(read_image(path, preprocessing.channels)).numpy()
 
 
+def classification(probability, class_names):
+    """(probability, label, class name) of one image's model output, as results.csv and the classify
+    signature give them: binary, P(class 1) and label = P >= 0.5; K classes, the most probable class
+    and its probability."""
+    probability = np.asarray(probability, np.float32).reshape(-1)
+    if probability.size == 1:
+        label = int(probability[0] >= 0.5)
+        return float(probability[0]), label, class_names[label]
+    label = int(np.argmax(probability))
+    return float(probability[label]), label, class_names[label]
+
+
 def run(args):
     check_output_path(args.out, "--out")
     model, preprocessing = load_trained_model(args.model)
@@ -72,13 +94,19 @@ def run(args):
     # Progress in rows of the maps, not images: one large image takes minutes at stride 1.
     rows = preprocessing.image_size[0] * len(paths) * (2 if args.filters else 1)
     progress = Progress(rows, "row", "heatmaps")
+    results = []
     for path, stem in zip(paths, output_stems(paths)):
         image = prepare_image(path, preprocessing)
         model_input = preprocessing.normalize(image[None]).numpy()
-        heat = explain(model, model_input, stride=args.stride, on_rows=progress.add)[0]
+        heats = explain(model, model_input, stride=args.stride, on_rows=progress.add)
+        probability = probability_from_map(model, heats, stride=args.stride, images=model_input)[0]
+        results.append((path, *classification(probability, preprocessing.class_names)))
+        heat = heats[0]
         prefix = os.path.join(args.out, stem)
         write_heatmap_pngs(prefix, heat, preprocessing.class_names, image)
         if args.filters:
             maps = filter_heatmaps(model, model_input, stride=args.stride, on_rows=progress.add)[0]
             write_png(f"{prefix}-filters.png", filter_grid(maps))
+    for path, probability, label, name in results:  # after the progress lines, one line per image
+        print(f"{path}: probability {probability:.6f}, label {label} ({name})")
     print(f"wrote heatmaps of {len(paths)} image(s) to {args.out}")

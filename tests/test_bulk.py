@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import os
+import zipfile
 
 import cv2
 import numpy as np
@@ -189,3 +190,102 @@ def test_bulk_on_a_k_class_model_writes_a_map_per_class_and_the_most_probable_cl
     for row, expected_row in zip(read_csv(tmp_path / "bulk" / bulk.RESULTS_FILE), probabilities):
         assert row["class_name"] == names[int(np.argmax(expected_row))]
         assert abs(float(row["probability"]) - expected_row.max()) < 1e-5
+
+
+def test_results_and_patchnet_heatmap_print_the_models_probability_read_from_the_map(capsys, archive, run_dir,
+                                                                                  first_run, tmp_path):
+    _, good, _ = archive
+    _, _, out = first_run
+    rows = read_csv(out / bulk.RESULTS_FILE)
+    model, preprocessing = load_trained_model(str(run_dir))
+    inputs = np.stack([preprocessing(read_image(path)).numpy() for path in sorted(good)])
+    probabilities = np.asarray(model(inputs, training=False))[:, 0]  # the classifier's own pass
+    np.testing.assert_allclose([float(row["probability"]) for row in rows], probabilities, rtol=0, atol=1e-6)
+
+    code, stdout, _ = patchnet(capsys, "heatmap", *sorted(good), "--model", str(run_dir),
+                               "--out", str(tmp_path / "single"))
+    assert code == 0
+    for row in rows:  # one line per image, the probability and label of its results.csv row
+        line = next(line for line in stdout.splitlines() if line.startswith(row["path"] + ": "))
+        printed = float(line.split("probability ")[1].split(",")[0])
+        assert abs(printed - float(row["probability"])) < 1e-6
+        assert line.endswith(f"label {row['label']} ({row['class_name']})")
+
+
+def test_the_driver_checks_the_model_file_without_loading_it(capsys, archive, run_dir, monkeypatch, tmp_path):
+    def no_load(path):
+        raise AssertionError("the driver loaded the model")
+
+    monkeypatch.setattr(bulk, "load_trained_model", no_load)
+    bulk.check_model_file(str(run_dir / "model.keras"))  # a good archive passes without a load
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "preprocessing.json").write_text((run_dir / "preprocessing.json").read_text())
+    with zipfile.ZipFile(bad / "model.keras", "w") as archive_file:
+        archive_file.writestr("metadata.json", "{}")  # a zip, but no config or weights
+    with zipfile.ZipFile(run_dir / "model.keras") as good:  # the config, but weights that are not HDF5
+        config = good.read("config.json")
+    with zipfile.ZipFile(bad / "model2.keras", "w") as archive_file:
+        archive_file.writestr("config.json", config)
+        archive_file.writestr("model.weights.h5", b"garbage")
+    for content, message in [(None, "not a loadable Keras model"), ("model2.keras", "is not HDF5"),
+                             (b"not a zip", "not a .keras archive")]:
+        if isinstance(content, str):
+            os.replace(bad / content, bad / "model.keras")
+        elif content is not None:
+            (bad / "model.keras").write_bytes(content)
+        code, _, err = patchnet(capsys, "bulk", archive[1][0], "--model", str(bad), "--out", str(tmp_path / "o"))
+        assert code == 2
+        (line,) = err.strip().splitlines()
+        assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_tf_threads_per_worker_default_to_a_share_of_the_cores_and_follow_the_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bulk.add_arguments(parser)
+
+    def threads(*flags):
+        args = bulk.parse_arguments(parser, ["x.png", "--model", "m", "--out", "o", *flags])
+        return bulk.threads_per_worker(bulk.pipeline_options(args), args.tf_threads)
+
+    cores = os.cpu_count() or 1
+    assert threads("--workers", "1") == cores
+    assert threads("--workers", str(2 * cores)) == 1
+    assert threads("--workers", "2", "--tf-threads", "3") == 3
+    assert threads("--runner", "FlinkRunner") is None  # each worker machine's own default
+    assert threads("--runner", "FlinkRunner", "--tf-threads", "4") == 4
+
+
+def test_set_tf_threads_sizes_both_pools_of_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from pipelines.bulk import set_tf_threads; import tensorflow as tf; set_tf_threads(1); "
+            "tf.constant(1.0) + 1; set_tf_threads(1); "  # the second call, after the first op: a no-op
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == ["1", "1"]
+
+
+def test_the_handler_reads_the_probability_from_the_map_with_no_second_model_call(run_dir, monkeypatch):
+    handler = bulk.PatchNetModelHandler(str(run_dir / "model.keras"))
+    loaded = handler.load_model()
+    images = np.random.default_rng(3).random((3, 32, 32, 3), np.float32)
+    inputs = loaded.preprocessing.normalize(images).numpy()
+    expected = np.asarray(loaded.model(inputs, training=False))[:, 0]
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("the classifier ran beside the map")
+
+    monkeypatch.setattr(loaded.model, "call", no_call)
+    results = handler.run_inference([("p", f"s{index}", image) for index, image in enumerate(images)], loaded)
+    np.testing.assert_allclose([result.inference[0] for result in results], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.stack([result.inference[1] for result in results]),
+                                  heatmap(loaded.model, inputs))

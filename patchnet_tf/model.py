@@ -83,9 +83,23 @@ def build_subnet(
     return keras.Model(patches, probabilities, name="subnet")
 
 
-def smallest_patch_size(conv_layers, padding):
+def smallest_patch_size(conv_layers: int, padding: str) -> int:
     """The smallest patch a subnet of `conv_layers` 3x3 convs takes: each valid conv trims 2 pixels and
-    leaves at least one. Commands check their flags with it before they write a run folder."""
+    leaves at least one. Commands check their flags with it before they write a run folder.
+
+    Args:
+        conv_layers: number of 3x3 convolutions in the subnet.
+        padding: "valid" or "same".
+
+    Returns:
+        The smallest patch side in pixels.
+
+    Example:
+    >>> smallest_patch_size(7, "valid")
+    15
+    >>> smallest_patch_size(7, "same")
+    1
+    """
     return 2 * conv_layers + 1 if padding.lower() == "valid" else 1
 
 

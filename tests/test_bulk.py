@@ -245,11 +245,13 @@ def test_the_driver_checks_the_model_file_without_loading_it(capsys, archive, ru
 def test_tf_threads_per_worker_default_to_a_share_of_the_cores_and_follow_the_flag():
     import argparse
 
+    from pipelines.flags import add_bulk_arguments, parse_bulk_arguments
+
     parser = argparse.ArgumentParser()
-    bulk.add_arguments(parser)
+    add_bulk_arguments(parser)
 
     def threads(*flags):
-        args = bulk.parse_arguments(parser, ["x.png", "--model", "m", "--out", "o", *flags])
+        args = parse_bulk_arguments(parser, ["x.png", "--model", "m", "--out", "o", *flags])
         return bulk.threads_per_worker(bulk.pipeline_options(args), args.tf_threads)
 
     cores = os.cpu_count() or 1

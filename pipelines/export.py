@@ -43,6 +43,7 @@ from patchnet_tf.heatmaps import (
     map_patch_centres,
     probability_from_map,
 )
+from patchnet_tf.precision import with_compute_dtype
 from patchnet_tf.preprocessing import decode_image, encoded_image_size
 from patchnet_tf.runs import load_trained_model
 from pipelines.flags import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
@@ -63,37 +64,6 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 
 # Images per model call in the classify and heatmap signatures (see ServingModule.probabilities).
 MODEL_CHUNK_IMAGES = 2
-
-
-def as_float32(model):
-    """The same model with a float32 compute dtype everywhere (weights copied).
-
-    Mixed-precision training keeps float32 variables but computes in float16;
-    serving wants a float32 graph (docs/serving.md), so the model is rebuilt
-    from its config with every dtype policy set to float32.
-    """
-    if all(layer.dtype_policy.compute_dtype == "float32" for layer in _all_layers(model)):
-        return model
-
-    def to_float32(node):
-        if isinstance(node, dict):
-            if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
-                return {**node, "config": {**node.get("config", {}), "name": "float32"}}
-            return {key: to_float32(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [to_float32(value) for value in node]
-        if isinstance(node, str) and node.startswith("mixed_"):
-            return "float32"
-        return node
-
-    config = to_float32(keras.saving.serialize_keras_object(model))
-    rebuilt = keras.saving.deserialize_keras_object(config)
-    rebuilt.set_weights(model.get_weights())
-    return rebuilt
-
-
-def _all_layers(model):
-    yield from model._flatten_layers(include_self=False, recursive=True)
 
 
 def _check_image_bytes(image_bytes):
@@ -136,7 +106,8 @@ class ServingModule:
 
     def __init__(self, model, preprocessing, *, heatmap_stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES,
                  max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, max_request_pixels=DEFAULT_MAX_REQUEST_PIXELS):
-        self.model = as_float32(model)
+        # Mixed-precision training computes in float16/bfloat16; serving answers in float32 (docs/serving.md).
+        self.model = with_compute_dtype(model, "float32")
         self.preprocessing = preprocessing
         self.max_image_pixels = max_image_pixels
         self.max_request_pixels = max_request_pixels

@@ -9,6 +9,7 @@ import tensorflow as tf
 from patchnet_tf.baselines import arch_of
 from patchnet_tf.baselines import heatmap as baseline_heatmap
 from patchnet_tf.heatmaps import heatmap as patchnet_heatmap
+from patchnet_tf.precision import at_precision
 
 
 def explain(
@@ -17,6 +18,7 @@ def explain(
     *,
     stride: int = 1,
     on_rows: Callable[[int], object] | None = None,
+    precision: str | None = None,
 ) -> np.ndarray:
     """(B, H, W) float32 in [0, 1], white = class 1; (B, H, W, K), one map per class, for a K-class model.
 
@@ -24,6 +26,7 @@ def explain(
     at every `stride`-th pixel). CAM and VGG-11 models: their CAM / Grad-CAM
     map (`patchnet_tf.baselines.heatmap`); `stride` does not apply to them.
     `on_rows(n)` is called as n more rows of the maps are done (progress).
+    `precision` as in `patchnet_tf.heatmap`: None computes as the model does.
 
     Example:
 
@@ -35,6 +38,8 @@ def explain(
     >>> explain(build("cam", (16, 16, 3), width=2), images).shape
     (2, 16, 16)
     """
+    if precision is not None:
+        model = at_precision(model, precision)
     if arch_of(model) == "patchnet":
         return patchnet_heatmap(model, images, stride=stride, on_rows=on_rows)
     maps = baseline_heatmap(model, images)  # one forward and backward pass: no bands to report

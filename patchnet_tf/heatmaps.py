@@ -25,6 +25,7 @@ memory is bounded by the band size, not by the image size:
 import collections
 import itertools
 import os
+from collections.abc import Callable, Sequence
 
 import cv2
 import keras
@@ -40,6 +41,7 @@ from patchnet_tf.layers import (
     fully_convolutional_layers,
 )
 from patchnet_tf.model import patch_geometry
+from patchnet_tf.precision import at_precision
 
 # Patches per subnet call on the per-patch path. bench/heatmap.py on 2 cores
 # (p = 21, 7 x 64 convs): 256, 1024 and 4096 give the same throughput within
@@ -51,7 +53,7 @@ DEFAULT_CHUNK_PATCHES = 1024
 DEFAULT_BAND_PIXELS = 1 << 17
 
 
-def check_centred_patch_size(patch_size):
+def check_centred_patch_size(patch_size: int) -> None:
     if patch_size % 2 == 0:
         raise PatchNetError(
             f"centred heatmaps need an odd patch size (a patch centred on a pixel), got {patch_size}"
@@ -119,8 +121,13 @@ def _banded_map(band_fn, image, patch_size, stride, band_rows_for, report_rows=N
 
 
 def dense_patch_map(
-    patch_fn, image, patch_size, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, report_rows=None
-):
+    patch_fn: Callable[[tf.Tensor], tf.Tensor],
+    image: tf.Tensor,
+    patch_size: int,
+    stride: int = 1,
+    chunk_patches: int = DEFAULT_CHUNK_PATCHES,
+    report_rows: Callable | None = None,
+) -> tf.Tensor:
     """(H, W, C) image -> (H, W, K): `patch_fn` on the zero-padded patch centred at each pixel.
 
     With stride s only the patches centred at (s*i + s//2, s*j + s//2) are
@@ -147,8 +154,14 @@ def dense_patch_map(
 
 
 def dense_valid_map(
-    subnet, image, stride=1, *, until="patch_probability", band_pixels=DEFAULT_BAND_PIXELS, report_rows=None
-):
+    subnet: keras.Model,
+    image: tf.Tensor,
+    stride: int = 1,
+    *,
+    until: str = "patch_probability",
+    band_pixels: int = DEFAULT_BAND_PIXELS,
+    report_rows: Callable | None = None,
+) -> tf.Tensor:
     """(H, W, C) image -> (H, W, K) in one fully convolutional pass of a padding="valid" subnet.
 
     Equal (to float32 rounding) to `dense_patch_map(subnet, image, p, stride)`:
@@ -169,14 +182,14 @@ def dense_valid_map(
 
 
 def dense_heatmap_fn(
-    model,
+    model: keras.Model,
     *,
-    stride=1,
-    feature_layer=None,
-    chunk_patches=DEFAULT_CHUNK_PATCHES,
-    band_pixels=DEFAULT_BAND_PIXELS,
-    report_rows=None,
-):
+    stride: int = 1,
+    feature_layer: str | None = None,
+    chunk_patches: int = DEFAULT_CHUNK_PATCHES,
+    band_pixels: int = DEFAULT_BAND_PIXELS,
+    report_rows: Callable | None = None,
+) -> Callable[[tf.Tensor], tf.Tensor]:
     """A graph-mode callable (H, W, C) float32 -> (H, W) heatmap of a binary model,
     (H, W, K) heatmaps of a K-class model (one per class), or (H, W, F) features.
 
@@ -275,7 +288,9 @@ def _traced_map_fn(model, channels, with_progress, **options):
     return entry[1]
 
 
-def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels, on_rows):
+def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels, on_rows, precision):
+    if precision is not None:
+        model = at_precision(model, precision)
     # dense_heatmap_fn checks the patch size and stride when the function is first traced.
     images = _as_image_batch(images, model.get_layer("subnet").input_shape[-1])
     map_fn = _traced_map_fn(
@@ -288,19 +303,26 @@ def _patch_maps(model, images, feature_layer, stride, chunk_patches, band_pixels
         band_pixels=band_pixels,
     )
     if on_rows is None:
-        return np.stack([map_fn(image).numpy() for image in images])
+        return np.stack([map_fn(image).numpy() for image in images]).astype(np.float32, copy=False)
     listener = next(_listener_ids)
     _ROW_LISTENERS[listener] = on_rows
     try:
-        return np.stack([map_fn(image, tf.constant(listener, tf.int64)).numpy() for image in images])
+        return np.stack([map_fn(image, tf.constant(listener, tf.int64)).numpy() for image in images]).astype(
+            np.float32, copy=False)
     finally:
         del _ROW_LISTENERS[listener]
 
 
 def heatmap(
-    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS,
-    on_rows=None,
-):
+    model: keras.Model,
+    images: np.ndarray,
+    *,
+    stride: int = 1,
+    chunk_patches: int = DEFAULT_CHUNK_PATCHES,
+    band_pixels: int = DEFAULT_BAND_PIXELS,
+    on_rows: Callable[[int], object] | None = None,
+    precision: str | None = None,
+) -> np.ndarray:
     """(B, H, W) float32 in [0, 1]: Q(class 1 | patch centred at each pixel).
 
     White (1) is class-1 evidence, black (0) class-0 evidence. A K-class model
@@ -310,8 +332,19 @@ def heatmap(
     100x faster than per patch); padding="same" models per patch, where stride
     s costs about 1/s^2 of the stride-1 map. `on_rows(n)`, if given, is
     called as each band of n rows of a map is done: progress on large images.
+    `precision` ("auto", "float32", "bfloat16"; `patchnet_tf.precision.at_precision`)
+    computes the maps in that precision; None, the default, as the model computes.
+    The maps are float32 either way.
+
+    Example:
+    >>> from patchnet_tf.model import build_patchnet
+    >>> images = np.zeros((2, 12, 16, 3), "float32")
+    >>> heatmap(build_patchnet(5, filters=2, conv_layers=1), images).shape
+    (2, 12, 16)
+    >>> heatmap(build_patchnet(5, filters=2, conv_layers=1, classes=3), images, stride=2).shape
+    (2, 12, 16, 3)
     """
-    return _patch_maps(model, images, None, stride, chunk_patches, band_pixels, on_rows)
+    return _patch_maps(model, images, None, stride, chunk_patches, band_pixels, on_rows, precision)
 
 
 def _patch_grid(model):
@@ -351,7 +384,7 @@ def _axis_centres(size, patch_size, stride, padding, region, map_stride):
     return centres
 
 
-def map_patch_centres(model, height, width, *, stride=1):
+def map_patch_centres(model: keras.Model, height: int, width: int, *, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Where the classifier's patches sit in a heatmap: the pixels they are centred on.
 
     PatchNet's image probability is the mean of the probabilities of the
@@ -391,7 +424,9 @@ def map_patch_centres(model, height, width, *, stride=1):
     )
 
 
-def probability_from_map(model, maps, *, stride=1, images=None):
+def probability_from_map(
+    model: keras.Model, maps: np.ndarray | tf.Tensor, *, stride: int = 1, images: np.ndarray | tf.Tensor | None = None
+) -> np.ndarray | tf.Tensor:
     """The model's output on the images, read from their heatmaps: the mean of the map at the
     classifier's patch centres (`map_patch_centres`), with no second model call.
 
@@ -433,15 +468,28 @@ def probability_from_map(model, maps, *, stride=1, images=None):
 
 
 def filter_heatmaps(
-    model, images, *, stride=1, chunk_patches=DEFAULT_CHUNK_PATCHES, band_pixels=DEFAULT_BAND_PIXELS,
-    on_rows=None,
-):
+    model: keras.Model,
+    images: np.ndarray,
+    *,
+    stride: int = 1,
+    chunk_patches: int = DEFAULT_CHUNK_PATCHES,
+    band_pixels: int = DEFAULT_BAND_PIXELS,
+    on_rows: Callable[[int], object] | None = None,
+    precision: str | None = None,
+) -> np.ndarray:
     """(B, H, W, filters) float32 in [-1, 1]: the subnet's tanh features per centred patch
-    (`on_rows` as in `heatmap`)."""
-    return _patch_maps(model, images, "filter_features", stride, chunk_patches, band_pixels, on_rows)
+    (`on_rows` and `precision` as in `heatmap`).
+
+    Example:
+    >>> from patchnet_tf.model import build_patchnet
+    >>> features = filter_heatmaps(build_patchnet(5, filters=2, conv_layers=1), np.zeros((1, 8, 8, 3), "float32"))
+    >>> features.shape, bool(np.all(np.abs(features) <= 1))
+    ((1, 8, 8, 2), True)
+    """
+    return _patch_maps(model, images, "filter_features", stride, chunk_patches, band_pixels, on_rows, precision)
 
 
-def heatmap_to_gray(heat):
+def heatmap_to_gray(heat: np.ndarray) -> np.ndarray:
     """(H, W) map in [0, 1] -> uint8 grayscale, white = class 1."""
     return np.round(np.clip(heat, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -455,7 +503,7 @@ CLASS_COLOURS = np.array(
 )
 
 
-def class_colour_map(maps):
+def class_colour_map(maps: np.ndarray) -> np.ndarray:
     """(H, W, K) class maps summing to 1 -> RGB uint8 (H, W, 3): the probability-weighted
     mix of the class colours (`CLASS_COLOURS`), so a pure colour is one class's certain evidence."""
     maps = np.clip(np.asarray(maps, np.float32), 0.0, 1.0)
@@ -463,7 +511,7 @@ def class_colour_map(maps):
     return np.round(np.clip(maps @ colours, 0, 255)).astype(np.uint8)
 
 
-def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45, colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
     """RGB image in [0, 1] (H, W, 3) + map -> BGR uint8 overlay for cv2.imwrite."""
     colour = cv2.applyColorMap(heatmap_to_gray(heat), colormap)
     base = np.clip(np.asarray(image, np.float32) * 255.0, 0, 255).astype(np.uint8)
@@ -477,7 +525,7 @@ def heatmap_overlay(image, heat, alpha=0.45, colormap=cv2.COLORMAP_JET):
 CLASSES_SUFFIX = "-classes.png"  # K classes: the combined colour map
 
 
-def png_suffixes(class_names, *, overlays=True):
+def png_suffixes(class_names: Sequence[str], *, overlays: bool = True) -> list[str]:
     """The file name suffixes of the heatmap PNGs of one image: `-heatmap.png` and `-overlay.png`;
     for K > 2 classes `-heatmap-<class>.png` and `-overlay-<class>.png` per class, then
     `-classes.png`, one colour per class. `overlays=False` (no image to draw on) leaves out the overlays."""
@@ -487,7 +535,7 @@ def png_suffixes(class_names, *, overlays=True):
     return [f"-{kind}-{name}.png" for name in class_names for kind in kinds] + [CLASSES_SUFFIX]
 
 
-def heatmap_pngs(heat, class_names, image=None):
+def heatmap_pngs(heat: np.ndarray, class_names: Sequence[str], image: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """{file name suffix (`png_suffixes`): uint8 pixels} for one (H, W) or (H, W, K) map; with
     `image` (RGB in [0, 1], the map's size) also the overlays on it."""
     maps = heat[..., None] if heat.ndim == 2 else heat
@@ -501,7 +549,9 @@ def heatmap_pngs(heat, class_names, image=None):
     return dict(zip(png_suffixes(class_names, overlays=image is not None), pixels, strict=True))
 
 
-def write_heatmap_pngs(prefix, heat, class_names, image=None):
+def write_heatmap_pngs(
+    prefix: str, heat: np.ndarray, class_names: Sequence[str], image: np.ndarray | None = None
+) -> list[str]:
     """Writes one image's `heatmap_pngs` to PREFIX + suffix, each atomically; returns the paths.
 
     The one writer of `patchnet heatmap`, `bulk` and `predict`, so their files have the same names."""
@@ -512,7 +562,7 @@ def write_heatmap_pngs(prefix, heat, class_names, image=None):
     return written
 
 
-def output_stems(paths):
+def output_stems(paths: Sequence[str]) -> list[str]:
     """One distinct file stem per input path, for the PNGs written about it.
 
     The file's own stem; where two inputs share one (a/x.png, b/x.png) their

@@ -118,3 +118,25 @@ def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
     rebuilt = keras.saving.deserialize_keras_object(retyped(keras.saving.serialize_keras_object(model)))
     rebuilt.set_weights(model.get_weights())
     return rebuilt
+
+
+def at_precision(model: keras.Model, choice: str) -> keras.Model:
+    """`model` computing at the precision `choice` resolves to here (`resolve_precision`), weights copied.
+
+    Args:
+        choice: one of `PRECISIONS`.
+        model: the model to compute with.
+
+    Returns:
+        `model` itself when it already computes so, else a copy (`with_compute_dtype`).
+
+    Example:
+
+    >>> from patchnet_tf.model import build_patchnet
+    >>> narrow = build_patchnet(5, filters=4, conv_layers=1)
+    >>> conv = at_precision(narrow, "bfloat16").get_layer("subnet").get_layer("conv1")
+    >>> at_precision(narrow, "auto") is narrow, conv.compute_dtype, conv.variable_dtype
+    (True, 'bfloat16', 'float32')
+    """
+    return with_compute_dtype(model, resolve_precision(choice, model))
+

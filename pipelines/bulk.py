@@ -58,6 +58,7 @@ finally:
 from patchnet_tf.atomic import atomic_write_text, check_output_path, remove_stale_temporaries
 from patchnet_tf.errors import PatchNetError
 from patchnet_tf.heatmaps import output_stems, png_suffixes, probability_from_map, write_heatmap_pngs
+from patchnet_tf.precision import at_precision
 from patchnet_tf.preprocessing import Preprocessing
 from patchnet_tf.runs import MODEL_FILE, load_trained_model
 
@@ -192,15 +193,17 @@ class PatchNetModelHandler(ModelHandler):
     Examples are (path, stem, prepared image); inferences (probability, heatmap).
     """
 
-    def __init__(self, model_path, *, stride=1, max_batch_size=8, threads=None):
+    def __init__(self, model_path, *, stride=1, max_batch_size=8, threads=None, precision="float32"):
         super().__init__(min_batch_size=1, max_batch_size=max_batch_size)
         self.model_path = model_path
         self.stride = stride
         self.threads = threads
+        self.precision = precision
 
     def load_model(self):
         set_tf_threads(self.threads)  # worker processes sharing one machine: each takes its share of the cores
-        return LoadedModel(*load_trained_model(self.model_path))
+        model, preprocessing = load_trained_model(self.model_path)
+        return LoadedModel(at_precision(model, self.precision), preprocessing)
 
     def run_inference(self, batch, loaded, inference_args=None):
         from patchnet_tf.explain import explain
@@ -255,8 +258,9 @@ def _count_skipped(row):
 
 
 def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out, stride, batch_size,
-                   threads=None):
-    """The bulk pipeline on `pipeline`; writes everything under `out`. `threads`: TF threads per worker."""
+                   threads=None, precision="float32"):
+    """The bulk pipeline on `pipeline`; writes everything under `out`. `threads`: TF threads per worker;
+    `precision`: the maps' (`patchnet_tf.precision.at_precision`, resolved on each worker's CPU)."""
     decoded = (
         pipeline
         | "Images to do" >> beam.Create(todo)
@@ -265,7 +269,8 @@ def build_pipeline(pipeline, todo, done_rows, *, model_path, preprocessing, out,
     predictions, inference_failures = (
         decoded.images
         | "RunInference" >> RunInference(
-            PatchNetModelHandler(model_path, stride=stride, max_batch_size=batch_size, threads=threads)
+            PatchNetModelHandler(model_path, stride=stride, max_batch_size=batch_size, threads=threads,
+                                 precision=precision)
         ).with_exception_handling()
     )
     new_rows = predictions | "Write PNGs and rows" >> beam.ParDo(WriteOutputs(out, preprocessing.class_names))
@@ -419,7 +424,7 @@ def run(args):
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, todo, done_rows, model_path=os.path.abspath(model_file), preprocessing=preprocessing,
                    out=out, stride=args.stride, batch_size=args.batch_size,
-                   threads=threads_per_worker(options, args.tf_threads))
+                   threads=threads_per_worker(options, args.tf_threads), precision=args.precision)
     with RowFileProgress(out, len(paths), len(done_rows)):
         result = pipeline.run()
         result.wait_until_finish()

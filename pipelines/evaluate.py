@@ -31,6 +31,7 @@ from patchnet_tf.metrics import (
     mask_metrics,
     read_mask,
 )
+from patchnet_tf.precision import at_precision
 from patchnet_tf.runs import MODEL_FILE, load_trained_model, read_train_config
 from pipelines.data import image_dataset, load_dataset, mask_path_for, read_image
 from pipelines.progress import Progress
@@ -242,9 +243,11 @@ def evaluate_model(
     return results
 
 
-def evaluate(model_path, data, *, split="val", **options):
-    """`patchnet evaluate` as a function: loads the run, evaluates one split."""
+def evaluate(model_path, data, *, split="val", precision="float32", **options):
+    """`patchnet evaluate` as a function: loads the run, evaluates one split, the model computing at
+    `precision` (`patchnet_tf.precision.at_precision`)."""
     model, preprocessing, train_config = load_run(model_path)
+    model = at_precision(model, precision)
     images = load_split(data, preprocessing, split, train_config)
     results = evaluate_model(model, preprocessing, images, **options)
     results["split"] = split
@@ -289,6 +292,7 @@ def run(args):
         args.model,
         args.data,
         split=args.split,
+        precision=args.precision,
         masks_dir=args.masks,
         threshold=args.threshold,
         heatmap_stride=args.heatmap_stride,

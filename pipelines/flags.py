@@ -35,6 +35,8 @@ DEFAULT_MAX_REQUEST_PIXELS = 256_000_000
 # The heatmap signature's patches per subnet call: patchnet_tf.heatmaps.DEFAULT_CHUNK_PATCHES, which cannot be
 # imported without TensorFlow (tests/test_cli.py checks that the two agree).
 DEFAULT_CHUNK_PATCHES = 1024
+# patchnet_tf.precision.PRECISIONS, likewise (tests/test_precision.py checks that the two agree).
+MAP_PRECISIONS = ("auto", "float32", "bfloat16")
 CHANCE_AUROC = 0.5
 
 
@@ -117,6 +119,13 @@ def add_heatmap_arguments(parser):
     parser.add_argument("--stride", type=positive_int, default=1,
                         help="evaluate every s-th pixel and fill s x s blocks (cost ~1/s^2)")
     parser.add_argument("--filters", action="store_true", help="also write the filter heatmaps")
+    add_precision_argument(parser)
+
+
+def add_precision_argument(parser):
+    parser.add_argument("--precision", choices=MAP_PRECISIONS, default="auto",
+                        help="compute the model and its maps in this precision; auto: bfloat16 for a subnet of 32+ "
+                             "filters on a CPU with AMX or AVX512-BF16, float32 elsewhere (maps within 0.02)")
 
 
 def add_evaluate_arguments(parser):
@@ -133,6 +142,7 @@ def add_evaluate_arguments(parser):
                         help="leave images without a mask file out of the mask metrics instead of failing")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    add_precision_argument(parser)
 
 
 def add_pixel_limit_arguments(parser):
@@ -199,6 +209,7 @@ def add_bulk_arguments(parser):
     parser.add_argument("--tf-threads", type=positive_int, default=None,
                         help="TensorFlow intra- and inter-op threads per worker (default: DirectRunner: the "
                              "cores divided among the workers; other runners: TensorFlow's default)")
+    add_precision_argument(parser)
 
 
 def parse_bulk_arguments(parser, argv):

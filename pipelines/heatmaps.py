@@ -28,6 +28,7 @@ from patchnet_tf.heatmaps import (
     probability_from_map,
     write_heatmap_pngs,
 )
+from patchnet_tf.precision import at_precision
 from patchnet_tf.runs import load_trained_model
 from pipelines.data import IMAGE_EXTENSIONS, read_image
 from pipelines.progress import Progress
@@ -84,6 +85,7 @@ def classification(probability, class_names):
 def run(args):
     check_output_path(args.out, "--out")
     model, preprocessing = load_trained_model(args.model)
+    model = at_precision(model, args.precision)
     arch = arch_of(model)
     if args.filters and arch != "patchnet":
         raise PatchNetError(f"{args.model}: --filters needs a PatchNet (the subnet's filters); this is {arch}")

@@ -117,7 +117,8 @@ class TrainingSettings:
     border_patches: bool = setting(True, "PatchNet: do not pad each batch by a random border of up to half a patch "
                                    "(which teaches the subnet the zero padding its heatmaps see at the image border)",
                                    section=AUGMENTATION)
-    mixed_precision: str = setting("auto", "auto: float16 on a GPU, off on the CPU; outputs and loss stay float32",
+    mixed_precision: str = setting("auto", "auto: float16 on a GPU; bfloat16 for a PatchNet subnet of 32+ filters on a CPU "
+                                   "with AMX or AVX512-BF16; float32 elsewhere. Outputs and loss stay float32",
                                    choices=("auto", "off", "float16", "bfloat16"), section="scale")
     strategy: str = setting("default", "mirrored: all local GPUs; multiworker: several machines (reads TF_CONFIG). "
                             "--batch-size is the global batch", choices=("default", "mirrored", "multiworker"),

@@ -275,6 +275,23 @@ def test_heatmap_writes_pngs_for_a_folder(capsys, dataset, tiny_model_path, tmp_
     assert cv2.imread(str(tmp_path / "black-000-heatmap.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
 
 
+def test_heatmap_precision_flag(capsys, dataset, tiny_model_path, tmp_path):
+    import cv2
+
+    image = os.path.join(dataset, "square", "000.png")
+    maps, probabilities = {}, {}
+    for precision in ("float32", "auto", "bfloat16"):
+        code, out, _ = patchnet(capsys, "heatmap", image, "--model", tiny_model_path,
+                                "--out", str(tmp_path / precision), "--precision", precision)
+        assert code == 0
+        probabilities[precision] = float(re.search(r"probability ([0-9.]+)", out).group(1))
+        maps[precision] = cv2.imread(str(tmp_path / precision / "000-heatmap.png"), cv2.IMREAD_UNCHANGED)
+    # The tiny subnet is narrow: auto computes in float32, the very same map.
+    assert (maps["auto"] == maps["float32"]).all() and probabilities["auto"] == probabilities["float32"]
+    difference = abs(maps["bfloat16"].astype(int) - maps["float32"].astype(int))
+    assert difference.max() <= 3 and abs(probabilities["bfloat16"] - probabilities["float32"]) < 0.01
+
+
 def test_heatmap_outputs_never_collide_and_masks_are_not_inputs(capsys, dataset, tiny_model_path, tmp_path):
     import shutil
 

@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from patchnet_tf import build_patchnet, heatmap
-from patchnet_tf.precision import cpu_bfloat16_flags, resolve_precision, subnet_filters, with_compute_dtype
+from patchnet_tf import build_patchnet, filter_heatmaps, heatmap
+from patchnet_tf.baselines import build
+from patchnet_tf.explain import explain
+from patchnet_tf.precision import (
+    PRECISIONS,
+    cpu_bfloat16_flags,
+    resolve_precision,
+    subnet_filters,
+    with_compute_dtype,
+)
+from pipelines.flags import MAP_PRECISIONS
 
 AMX = frozenset({"amx_bf16"})
 
@@ -42,3 +51,21 @@ def test_bfloat16_maps_stay_close_to_float32_maps(padding):
     assert 0 < difference.max() < 0.02 and difference.mean() < 0.005  # bfloat16 keeps 8 bits of mantissa
     # Back to float32: the very same numbers (the weights were copied, never rounded).
     np.testing.assert_array_equal(heatmap(with_compute_dtype(as_bfloat16, "float32"), images), float32_maps)
+
+
+def test_heatmap_computes_at_the_precision_asked_and_auto_keeps_a_narrow_subnet_exact():
+    model = build_patchnet(7, filters=16, conv_layers=2, padding="valid")
+    images = np.random.default_rng(4).random((1, 20, 24, 3), dtype=np.float32)
+    float32_maps = heatmap(model, images)
+    np.testing.assert_array_equal(heatmap(model, images, precision="auto"), float32_maps)  # 16 filters: float32
+    bfloat16_maps = heatmap(model, images, precision="bfloat16")
+    assert bfloat16_maps.dtype == np.float32 and 0 < np.abs(bfloat16_maps - float32_maps).max() < 0.02
+    features = filter_heatmaps(model, images, precision="bfloat16")
+    assert features.dtype == np.float32 and np.abs(features - filter_heatmaps(model, images)).max() < 0.05
+    cam, cam_images = build("cam", (16, 24, 3), width=4), images[:, :16]
+    cam_maps = explain(cam, cam_images)
+    assert np.abs(explain(cam, cam_images, precision="bfloat16") - cam_maps).max() < 0.05
+
+
+def test_the_commands_offer_the_library_precisions():
+    assert MAP_PRECISIONS == PRECISIONS

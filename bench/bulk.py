@@ -3,6 +3,7 @@
     python -m bench.bulk            # 500 images at 192 x 256 (about 10 minutes on 2 cores)
     python -m bench.bulk --quick    # 60 images
     python -m bench.bulk --tf-threads 2   # bulk's workers with TF's thread pools at machine size
+    python -m bench.bulk --precision bfloat16 --images 200   # both commands' maps in bfloat16
 
 Both commands run as a user runs them (a fresh process each, model loading
 and Beam's worker start-up included), twice, in the order heatmap, bulk,
@@ -14,8 +15,13 @@ each command and its children, the FLOPs per image of each (both compute
 the map and read the probability from it; bulk used to classify every image
 with a second model call, which would add the classifier's patches), that
 both wrote the same PNG bytes, and the time of a re-run of bulk with every
-output present (no model work).
-Writes bench/results/bulk[_quick].json.
+output present (no model work). From the CPU time per image it projects
+how long a million images would take on 1, 8 and 64 bulk workers of one
+core each: CPU time / workers, the model work scaling linearly, plus one
+worker start-up (model load) per worker; reading inputs and writing PNGs
+to shared storage, and the driver's final results.csv, do not shrink with
+more workers and are not in it.
+Writes bench/results/bulk[_quick][_bfloat16].json.
 """
 
 import argparse
@@ -67,13 +73,16 @@ def timed_command(argv):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 images instead of 500")
+    parser.add_argument("--images", type=int, default=None, help="this many images (default 500, quick 60)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="both commands' --precision")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="DirectRunner worker processes")
     parser.add_argument("--tf-threads", type=int, default=None,
                         help="bulk's --tf-threads (default: bulk's own, the cores divided among the workers)")
     args = parser.parse_args(argv)
-    count = 60 if args.quick else 500
+    count = args.images or (60 if args.quick else 500)
     results = {"environment": environment(), "quick": args.quick, "images": count, "image": [HEIGHT, WIDTH],
-               "workers": args.workers, "tf_threads": args.tf_threads,
+               "workers": args.workers, "tf_threads": args.tf_threads, "precision": args.precision,
                "model": "PatchNet p = 21, 7 x 64 3x3 convs, padding valid (one-pass map), random weights"}
     row = MetricRows()
     root = tempfile.mkdtemp(prefix="bench-bulk-")
@@ -89,11 +98,12 @@ def main(argv=None):
         patchnet = [sys.executable, "-m", "patchnet_tf"]
 
         def heatmap_command(out):
-            return patchnet + ["heatmap", images, "--model", run, "--out", os.path.join(root, out)]
+            return patchnet + ["heatmap", images, "--model", run, "--out", os.path.join(root, out),
+                               "--precision", args.precision]
 
         def bulk_command(out):
             return patchnet + ["bulk", images, "--model", run, "--out", os.path.join(root, out),
-                               "--workers", str(args.workers)] + (
+                               "--workers", str(args.workers), "--precision", args.precision] + (
                                    ["--tf-threads", str(args.tf_threads)] if args.tf_threads else [])
 
         # heatmap, bulk, bulk, heatmap: a load that drifts during the run hits both commands alike.
@@ -118,6 +128,14 @@ def main(argv=None):
         row("patchnet heatmap CPU time per image", statistics.mean(cpus["heatmap"]) / count, "s")
         row("patchnet bulk CPU time per image (driver + workers)", statistics.mean(cpus["bulk"]) / count, "s")
         row("bulk / heatmap CPU time per image", sum(cpus["bulk"]) / sum(cpus["heatmap"]), "x")
+        for command in ("heatmap", "bulk"):
+            row(f"{command} CPU seconds per 1,000 images ({args.precision})", 1000 * statistics.mean(cpus[command]) / count, "s")
+        # One million images on N one-core workers: the model work divides; each worker pays one start-up
+        # (a process that loads the model: the re-run's time, which does no model work, bounds it).
+        bulk_cpu_per_image = statistics.mean(cpus["bulk"]) / count
+        for workers in (1, 8, 64):
+            row(f"1,000,000 images on {workers} one-core bulk worker(s), projected",
+                (1e6 * bulk_cpu_per_image / workers + rerun_wall) / 3600, "h")
         # The results.csv probability is read from the map; a classify pass would add the model on its patches.
         map_flops = one_pass_flops(HEIGHT, WIDTH, PATCH)
         row("bulk / heatmap FLOPs per image (the probability read from the map)", 1.0, "x")
@@ -127,7 +145,8 @@ def main(argv=None):
             f"{2 * count}", len(pngs) == 2 * count and not mismatch and not errors)
         row("bulk re-run, every output present (no model work)", rerun_wall, "s")
         row.report(f"Bulk heatmaps: {count} images at {HEIGHT} x {WIDTH}, p = {PATCH} valid",
-                   "bulk_quick" if args.quick else "bulk", results)
+                   "bulk" + ("_quick" if args.quick else "") + ("" if args.precision == "float32" else f"_{args.precision}"),
+                   results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -93,19 +93,34 @@ def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[s
     return "bfloat16" if bfloat16_pays(subnet_filters(model), cpu_flags=cpu_flags) else "float32"
 
 
+_PROBABILITY_ACTIVATIONS = ("sigmoid", "softmax")
+
+
 def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
     """The same model computing in `compute_dtype` ("float32" or "bfloat16"), weights copied.
 
-    Variables stay float32 (Keras's mixed policy); outputs are cast back to float32 by the caller
-    where it needs them. Returns `model` itself when it already computes so.
+    Variables stay float32 (Keras's mixed policy), and so does the sigmoid or
+    softmax that makes the probabilities, as the models build it: bfloat16's
+    8-bit mantissa would put map values near 1 on a grid of 2^-9 steps, and
+    the ties blunt a map's ranking (its mask AUROC). Other outputs are cast
+    back to float32 by the caller where it needs them. Returns `model` itself
+    when it already computes so.
     """
     policy = "float32" if compute_dtype == "float32" else f"mixed_{compute_dtype}"
-    layers = model._flatten_layers(include_self=False, recursive=True)
-    if all(layer.dtype_policy.name == policy for layer in layers):
+
+    def computes_as_wanted(layer):
+        if isinstance(layer, (keras.layers.InputLayer, keras.Model)):  # they keep their own dtype
+            return True
+        probability = isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in _PROBABILITY_ACTIVATIONS
+        return layer.dtype_policy.name == ("float32" if probability else policy)
+
+    if all(computes_as_wanted(layer) for layer in model._flatten_layers(include_self=False, recursive=True)):
         return model
 
     def retyped(node):
         if isinstance(node, dict):
+            if node.get("class_name") == "Activation" and node["config"].get("activation") in _PROBABILITY_ACTIVATIONS:
+                return {**node, "config": {**node["config"], "dtype": "float32"}}
             if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
                 return {**node, "config": {**node.get("config", {}), "name": policy}}
             return {key: retyped(value) for key, value in node.items()}

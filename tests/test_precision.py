@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from patchnet_tf import build_patchnet, filter_heatmaps, heatmap
 from patchnet_tf.baselines import build
@@ -51,6 +52,20 @@ def test_bfloat16_maps_stay_close_to_float32_maps(padding):
     assert 0 < difference.max() < 0.02 and difference.mean() < 0.005  # bfloat16 keeps 8 bits of mantissa
     # Back to float32: the very same numbers (the weights were copied, never rounded).
     np.testing.assert_array_equal(heatmap(with_compute_dtype(as_bfloat16, "float32"), images), float32_maps)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_bfloat16_maps_keep_their_probabilities_in_float32(classes):
+    # bfloat16 probabilities would sit on a 2^-8 grid near 0.5 to 1: ties that blunt a map's mask AUROC.
+    model = build_patchnet(7, filters=16, conv_layers=2, padding="valid", classes=classes)
+    as_bfloat16 = with_compute_dtype(model, "bfloat16")
+    subnet = as_bfloat16.get_layer("subnet")
+    assert subnet.get_layer("head").compute_dtype == "bfloat16"
+    assert subnet.get_layer("patch_probability").compute_dtype == "float32"
+    assert with_compute_dtype(as_bfloat16, "bfloat16") is as_bfloat16
+    maps = heatmap(as_bfloat16, np.random.default_rng(5).random((1, 20, 24, 3), dtype=np.float32))
+    on_bfloat16_grid = tf.cast(tf.cast(maps, tf.bfloat16), tf.float32).numpy() == maps
+    assert on_bfloat16_grid.mean() < 0.5
 
 
 def test_heatmap_computes_at_the_precision_asked_and_auto_keeps_a_narrow_subnet_exact():

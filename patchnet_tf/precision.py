@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import keras
 
+from patchnet_tf.model import FLOAT32_LAYERS
+
 # /proc/cpuinfo flags of the instructions that compute bfloat16 natively.
 BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Subnets with at least this many filters per conv layer gain from bfloat16.
@@ -93,33 +95,36 @@ def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[s
     return "bfloat16" if bfloat16_pays(subnet_filters(model), cpu_flags=cpu_flags) else "float32"
 
 
-_PROBABILITY_ACTIVATIONS = ("sigmoid", "softmax")
+def _keeps_float32(class_name: str, config: dict) -> bool:
+    probability = class_name == "Activation" and config.get("activation") in ("sigmoid", "softmax")
+    return probability or config.get("name") in FLOAT32_LAYERS
 
 
 def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
     """The same model computing in `compute_dtype` ("float32" or "bfloat16"), weights copied.
 
-    Variables stay float32 (Keras's mixed policy), and so does the sigmoid or
-    softmax that makes the probabilities, as the models build it: bfloat16's
-    8-bit mantissa would put map values near 1 on a grid of 2^-9 steps, and
-    the ties blunt a map's ranking (its mask AUROC). Other outputs are cast
-    back to float32 by the caller where it needs them. Returns `model` itself
-    when it already computes so.
+    Variables stay float32 (Keras's mixed policy), and so do a model's
+    sigmoid or softmax and PatchNet's tail after its convs
+    (`patchnet_tf.model.FLOAT32_LAYERS`): rounded to bfloat16's 8-bit
+    mantissa, the features and probabilities tie where float32's differ, and
+    the ties blunt a map's ranking (its mask AUROC: docs/results/training.md). Other
+    outputs are cast back to float32 by the caller where it needs them.
+    Returns `model` itself when it already computes so.
     """
     policy = "float32" if compute_dtype == "float32" else f"mixed_{compute_dtype}"
 
     def computes_as_wanted(layer):
         if isinstance(layer, (keras.layers.InputLayer, keras.Model)):  # they keep their own dtype
             return True
-        probability = isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in _PROBABILITY_ACTIVATIONS
-        return layer.dtype_policy.name == ("float32" if probability else policy)
+        return layer.dtype_policy.name == ("float32" if _keeps_float32(type(layer).__name__, layer.get_config())
+                                           else policy)
 
     if all(computes_as_wanted(layer) for layer in model._flatten_layers(include_self=False, recursive=True)):
         return model
 
     def retyped(node):
         if isinstance(node, dict):
-            if node.get("class_name") == "Activation" and node["config"].get("activation") in _PROBABILITY_ACTIVATIONS:
+            if isinstance(node.get("config"), dict) and _keeps_float32(node.get("class_name"), node["config"]):
                 return {**node, "config": {**node["config"], "dtype": "float32"}}
             if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
                 return {**node, "config": {**node.get("config", {}), "name": policy}}

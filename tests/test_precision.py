@@ -7,6 +7,7 @@ import tensorflow as tf
 from patchnet_tf import build_patchnet, filter_heatmaps, heatmap
 from patchnet_tf.baselines import build
 from patchnet_tf.explain import explain
+from patchnet_tf.model import FLOAT32_LAYERS
 from patchnet_tf.precision import (
     PRECISIONS,
     cpu_bfloat16_flags,
@@ -55,13 +56,13 @@ def test_bfloat16_maps_stay_close_to_float32_maps(padding):
 
 
 @pytest.mark.parametrize("classes", [1, 3])
-def test_bfloat16_maps_keep_their_probabilities_in_float32(classes):
+def test_bfloat16_maps_keep_the_tail_after_the_convs_in_float32(classes):
     # bfloat16 probabilities would sit on a 2^-8 grid near 0.5 to 1: ties that blunt a map's mask AUROC.
     model = build_patchnet(7, filters=16, conv_layers=2, padding="valid", classes=classes)
     as_bfloat16 = with_compute_dtype(model, "bfloat16")
     subnet = as_bfloat16.get_layer("subnet")
-    assert subnet.get_layer("head").compute_dtype == "bfloat16"
-    assert subnet.get_layer("patch_probability").compute_dtype == "float32"
+    assert [subnet.get_layer(name).compute_dtype for name in ("conv1", "conv2")] == ["bfloat16"] * 2
+    assert [subnet.get_layer(name).compute_dtype for name in FLOAT32_LAYERS] == ["float32"] * len(FLOAT32_LAYERS)
     assert with_compute_dtype(as_bfloat16, "bfloat16") is as_bfloat16
     maps = heatmap(as_bfloat16, np.random.default_rng(5).random((1, 20, 24, 3), dtype=np.float32))
     on_bfloat16_grid = tf.cast(tf.cast(maps, tf.bfloat16), tf.float32).numpy() == maps

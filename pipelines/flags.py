@@ -124,8 +124,10 @@ def add_heatmap_arguments(parser):
 
 def add_precision_argument(parser):
     parser.add_argument("--precision", choices=MAP_PRECISIONS, default="auto",
-                        help="compute the model and its maps in this precision; auto: bfloat16 for a subnet of 32+ "
-                             "filters on a CPU with AMX or AVX512-BF16, float32 elsewhere (maps within 0.02)")
+                        help="compute the model in this precision (PatchNet's tail after its convs and the "
+                             "probabilities stay float32); "
+                             "auto: bfloat16 for a subnet of 32+ filters on a CPU with AMX or AVX512-BF16, "
+                             "float32 elsewhere")
 
 
 def add_evaluate_arguments(parser):

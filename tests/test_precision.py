@@ -56,14 +56,17 @@ def test_bfloat16_maps_stay_close_to_float32_maps(padding):
 
 
 @pytest.mark.parametrize("classes", [1, 3])
-def test_bfloat16_maps_keep_the_tail_after_the_convs_in_float32(classes):
+def test_bfloat16_maps_and_probabilities_keep_the_tail_after_the_convs_in_float32(classes):
     # bfloat16 probabilities would sit on a 2^-8 grid near 0.5 to 1: ties that blunt a map's mask AUROC.
     model = build_patchnet(7, filters=16, conv_layers=2, padding="valid", classes=classes)
     as_bfloat16 = with_compute_dtype(model, "bfloat16")
     subnet = as_bfloat16.get_layer("subnet")
     assert [subnet.get_layer(name).compute_dtype for name in ("conv1", "conv2")] == ["bfloat16"] * 2
-    assert [subnet.get_layer(name).compute_dtype for name in FLOAT32_LAYERS] == ["float32"] * len(FLOAT32_LAYERS)
+    tail = [layer for layer in (*subnet.layers, *as_bfloat16.layers) if layer.name in FLOAT32_LAYERS]
+    assert sorted(layer.name for layer in tail) == sorted(FLOAT32_LAYERS)
+    assert {layer.compute_dtype for layer in tail} == {"float32"}
     assert with_compute_dtype(as_bfloat16, "bfloat16") is as_bfloat16
+    assert subnet.output.dtype == "float32"  # patch probabilities reach the image average unrounded
     maps = heatmap(as_bfloat16, np.random.default_rng(5).random((1, 20, 24, 3), dtype=np.float32))
     on_bfloat16_grid = tf.cast(tf.cast(maps, tf.bfloat16), tf.float32).numpy() == maps
     assert on_bfloat16_grid.mean() < 0.5

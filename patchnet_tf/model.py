@@ -10,9 +10,9 @@ from patchnet_tf.layers import (
     PatchwiseSubnet,
 )
 
-# The subnet's tail after its convs and the average of its patches: a few percent of the FLOPs, kept in
-# float32 when a model is retyped to bfloat16 (patchnet_tf.precision.with_compute_dtype), so that maps and
-# probabilities keep float32's ranking.
+# The subnet's tail after its convs and the average of its patches ("probability" is also the output of the
+# CAM and Grad-CAM baselines): a few percent of the FLOPs, kept in float32 when a model is retyped to bfloat16
+# (patchnet_tf.precision.with_compute_dtype), so that maps and probabilities keep float32's ranking.
 FLOAT32_LAYERS = ("filter_linear", "filter_features", "head", "patch_probability", "squeeze", "probability")
 
 

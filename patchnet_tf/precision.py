@@ -95,17 +95,12 @@ def resolve_precision(choice: str, model: keras.Model, *, cpu_flags: frozenset[s
     return "bfloat16" if bfloat16_pays(subnet_filters(model), cpu_flags=cpu_flags) else "float32"
 
 
-def _keeps_float32(class_name: str, config: dict) -> bool:
-    probability = class_name == "Activation" and config.get("activation") in ("sigmoid", "softmax")
-    return probability or config.get("name") in FLOAT32_LAYERS
-
-
 def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
     """The same model computing in `compute_dtype` ("float32" or "bfloat16"), weights copied.
 
-    Variables stay float32 (Keras's mixed policy), and so do a model's
-    sigmoid or softmax and PatchNet's tail after its convs
-    (`patchnet_tf.model.FLOAT32_LAYERS`): rounded to bfloat16's 8-bit
+    Variables stay float32 (Keras's mixed policy), and so do PatchNet's tail
+    after its convs and the probabilities (`patchnet_tf.model.FLOAT32_LAYERS`,
+    which also names the baselines' output): rounded to bfloat16's 8-bit
     mantissa, the features and probabilities tie where float32's differ, and
     the ties blunt a map's ranking (its mask AUROC: docs/results/training.md). Other
     outputs are cast back to float32 by the caller where it needs them.
@@ -116,15 +111,14 @@ def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
     def computes_as_wanted(layer):
         if isinstance(layer, (keras.layers.InputLayer, keras.Model)):  # they keep their own dtype
             return True
-        return layer.dtype_policy.name == ("float32" if _keeps_float32(type(layer).__name__, layer.get_config())
-                                           else policy)
+        return layer.dtype_policy.name == ("float32" if layer.name in FLOAT32_LAYERS else policy)
 
     if all(computes_as_wanted(layer) for layer in model._flatten_layers(include_self=False, recursive=True)):
         return model
 
     def retyped(node):
         if isinstance(node, dict):
-            if isinstance(node.get("config"), dict) and _keeps_float32(node.get("class_name"), node["config"]):
+            if isinstance(node.get("config"), dict) and node["config"].get("name") in FLOAT32_LAYERS:
                 return {**node, "config": {**node["config"], "dtype": "float32"}}
             if node.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
                 return {**node, "config": {**node.get("config", {}), "name": policy}}

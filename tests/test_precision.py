@@ -84,6 +84,7 @@ def test_heatmap_computes_at_the_precision_asked_and_auto_keeps_a_narrow_subnet_
     cam, cam_images = build("cam", (16, 24, 3), width=4), images[:, :16]
     cam_maps = explain(cam, cam_images)
     assert np.abs(explain(cam, cam_images, precision="bfloat16") - cam_maps).max() < 0.05
+    assert with_compute_dtype(cam, "bfloat16").get_layer("probability").compute_dtype == "float32"
 
 
 def test_the_commands_offer_the_library_precisions():
